@@ -1,0 +1,5 @@
+import sys
+
+from vnethook.cli import main
+
+sys.exit(main())

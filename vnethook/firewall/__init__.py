@@ -1,0 +1,1 @@
+"""Firewall backends. See base.py for the interface."""
