@@ -9,30 +9,26 @@ Only stdlib here: the hook's fast paths import this module.
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from vnethook.keys import guest_key  # noqa: F401  (re-exported)
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_FIELDS = (
+    "domain",
+    "mac",
+    "network",
+    "bridge",
+    "subnet",
+    "family",
+    "guest_address",
+    "protocol",
+    "host_address",
+    "host_ports",
+    "guest_ports",
+    "sources",
+)
 
 
-def guest_key(domain: str) -> str:
-    """Return a short, collision-resistant, firewall- and filename-safe key.
-
-    Domain names are arbitrary text (spaces, quotes, unicode, 200+ chars).
-    The key is a readable prefix of the name plus a hash of the *whole*
-    name, so two long names that share a prefix never collide, and the key
-    fits in iptables comments, nft comments and state file names.
-    """
-    digest = hashlib.sha256(domain.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    prefix = _UNSAFE.sub("_", domain)[:16].strip("._-") or "g"
-    return f"{prefix}-{digest}"
-
-
-@dataclass(frozen=True)
 class Forward:
     """One published port (or port range) of one guest NIC, for one family.
 
@@ -41,21 +37,68 @@ class Forward:
     Ranges are inclusive; host and guest ranges have the same length and map
     by offset (host_ports[0]+i -> guest_ports[0]+i).
     `origin` ("file:line") is for messages only and is ignored by equality.
+
+    A plain slotted class rather than a dataclass: importing dataclasses
+    costs ~10 ms, and this module is on every hook's path.
     """
 
-    domain: str
-    mac: str
-    network: str
-    bridge: str
-    subnet: str  # the guest network's CIDR for this family, e.g. "192.0.2.0/24"
-    family: int  # 4 or 6
-    guest_address: str
-    protocol: str  # tcp | udp | sctp
-    host_address: Optional[str]
-    host_ports: Tuple[int, int]
-    guest_ports: Tuple[int, int]
-    sources: Tuple[str, ...] = ()  # CIDRs allowed to connect; empty = anyone
-    origin: str = field(default="", compare=False)
+    __slots__ = _FIELDS + ("origin", "_id")
+
+    def __init__(
+        self,
+        domain: str,
+        mac: str,
+        network: str,
+        bridge: str,
+        subnet: str,  # the guest network's CIDR for this family, e.g. "192.0.2.0/24"
+        family: int,  # 4 or 6
+        guest_address: str,
+        protocol: str,  # tcp | udp | sctp
+        host_address: "str | None",
+        host_ports: "tuple[int, int]",
+        guest_ports: "tuple[int, int]",
+        sources: "tuple[str, ...]" = (),  # CIDRs allowed to connect; empty = anyone
+        origin: str = "",
+    ):
+        s = object.__setattr__
+        s(self, "domain", domain)
+        s(self, "mac", mac)
+        s(self, "network", network)
+        s(self, "bridge", bridge)
+        s(self, "subnet", subnet)
+        s(self, "family", int(family))
+        s(self, "guest_address", guest_address)
+        s(self, "protocol", protocol)
+        s(self, "host_address", host_address)
+        s(self, "host_ports", (int(host_ports[0]), int(host_ports[1])))
+        s(self, "guest_ports", (int(guest_ports[0]), int(guest_ports[1])))
+        s(self, "sources", tuple(sources))
+        s(self, "origin", origin)
+        s(self, "_id", tuple(getattr(self, f) for f in _FIELDS))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Forward is immutable")
+
+    def __eq__(self, other):
+        return isinstance(other, Forward) and self._id == other._id
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self._id)
+
+    def __lt__(self, other):
+        return _sortable(self._id) < _sortable(other._id)
+
+    def __repr__(self):
+        return f"Forward({self.describe()!r}, domain={self.domain!r}, mac={self.mac!r})"
+
+    def replace(self, **changes) -> "Forward":
+        d = {f: getattr(self, f) for f in _FIELDS}
+        d["origin"] = self.origin
+        d.update(changes)
+        return Forward(**d)
 
     @property
     def key(self) -> str:
@@ -117,5 +160,9 @@ class Forward:
         return f"{host}:{hp} -> {ga}:{gp}/{self.protocol}{src}"
 
 
-def _ports(p: Tuple[int, int]) -> str:
+def _sortable(t):
+    return tuple("" if v is None else v for v in t)
+
+
+def _ports(p) -> str:
     return str(p[0]) if p[0] == p[1] else f"{p[0]}-{p[1]}"

@@ -1,0 +1,270 @@
+"""The `vnethook` command: check, plan, status, sync, flush, install, ...
+
+Exit codes: 0 success, 1 the thing checked is wrong (invalid map, drift,
+failed change), 2 usage error. Errors go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vnethook import __version__
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    if getattr(args, "config", None):
+        os.environ["VNETHOOK_CONFIG"] = os.path.abspath(args.config)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a clear message, never a traceback
+        if os.environ.get("VNETHOOK_DEBUG"):
+            raise
+        sys.stderr.write(f"vnethook: {type(e).__name__}: {e}\n")
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vnethook",
+        description="Publish ports of libvirt NAT guests, in the firewall libvirt itself uses.",
+    )
+    p.add_argument("--version", action="version", version=f"vnethook {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def cmd(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = cmd("check", _check, "validate the port map (exit 0 valid, 1 invalid)")
+    sp.add_argument("--config", metavar="PATH", help="a file or directory (default /etc/vnethook)")
+    sp.add_argument("path", nargs="?", metavar="PATH", help="same as --config")
+
+    sp = cmd("plan", _plan, "show the forwards a guest would get, without changing anything")
+    sp.add_argument("domain")
+    sp.add_argument("--domain-xml", metavar="FILE", help="domain XML to plan for (default: the running domain)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("status", _status, "per guest: address, forwards desired/installed/drifted; the backend in use")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("sync", _sync, "make installed forwards match the map for every running guest")
+    sp.add_argument("--config", metavar="PATH")
+    sp.add_argument("--no-verify", action="store_true", help="trust vnethook's records instead of listing the firewall")
+
+    cmd("flush", _flush, "remove everything vnethook installed, and nothing else")
+
+    sp = cmd("install", _install, "install the libvirt hooks")
+    sp.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default /)")
+    sp.add_argument("--force", action="store_true", help="replace a foreign main hook (a backup is kept)")
+    sp.add_argument("--mode", choices=("auto", "dir", "main"), default="auto",
+                    help="hooks/qemu.d + network.d (libvirt >= 6.5), or the main hook files")
+    sp.add_argument("--no-reload", action="store_true", help="do not SIGHUP a running libvirtd")
+
+    sp = cmd("uninstall", _uninstall, "remove the libvirt hooks vnethook installed")
+    sp.add_argument("--root", default="/", metavar="DIR")
+    sp.add_argument("--no-reload", action="store_true")
+
+    sp = cmd("watch", _watch, "follow DHCP lease changes (started by the hook when systemd is absent)")
+    sp.add_argument("--interval", type=float, default=0.25)
+    sp.add_argument("--idle-exit", type=float, default=30.0)
+    sp.add_argument("--max-seconds", type=float, default=86400.0)
+
+    sp = cmd("hook", _hook, "run a hook event by hand: hook qemu|network NAME OP SUBOP EXTRA < XML")
+    sp.add_argument("kind", choices=("qemu", "network"))
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _check(args) -> int:
+    from vnethook.config import check_main
+
+    return check_main(args.path or args.config)
+
+
+def _load(paths):
+    from vnethook.config import ConfigError, load_config
+
+    try:
+        return load_config(paths)
+    except ConfigError as e:
+        sys.stderr.write(f"{e}\nvnethook: the port map is invalid; nothing was changed\n")
+        return None
+
+
+def _plan(args) -> int:
+    from vnethook import libvirt
+    from vnethook.engine import Engine
+    from vnethook.paths import get_paths
+
+    paths = get_paths()
+    config = _load(paths)
+    if config is None:
+        return 1
+    if args.domain_xml:
+        with open(args.domain_xml, "rb") as f:
+            domain = libvirt.parse_domain(f.read(), source=args.domain_xml)
+    else:
+        domain = libvirt.running_domain(paths, args.domain)
+        if domain is None:
+            sys.stderr.write(
+                f"vnethook: domain '{args.domain}' is not running "
+                f"(no {paths.running_domain_xml(args.domain)}); pass --domain-xml FILE\n"
+            )
+            return 1
+    if domain.name != args.domain:
+        sys.stderr.write(f"vnethook: the XML describes '{domain.name}', not '{args.domain}'\n")
+        return 1
+    plan = Engine(paths, config).plan_domain(domain)
+    if plan is None:
+        if args.json:
+            print(json.dumps({"domain": domain.name, "configured": False, "forwards": []}, indent=2))
+        else:
+            print(f"{domain.name}: not in the port map; vnethook leaves it alone")
+        return 0
+    if args.json:
+        d = plan.to_dict()
+        d["configured"] = True
+        print(json.dumps(d, indent=2))
+        return 0
+    print(_plan_table(plan))
+    return 1 if plan.errors else 0
+
+
+def _plan_table(plan) -> str:
+    lines = [f"{plan.domain}:"]
+    for mac, addr, how in plan.addresses:
+        lines.append(f"  address {addr} for {mac} (from {how})")
+    rows = [("PROTO", "HOST", "GUEST", "SOURCES", "FROM")]
+    for f in plan.forwards:
+        host, guest = f.describe().split(" -> ")
+        guest = guest.split("/")[0]
+        rows.append((f.protocol, host, guest, ",".join(f.sources) or "any", f.origin))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    else:
+        lines.append("  no forwards can be placed yet")
+    for w in plan.waiting:
+        lines.append(f"  waiting: {w}")
+    for e in plan.errors:
+        lines.append(f"  error: {e}")
+    return "\n".join(lines)
+
+
+def _status(args) -> int:
+    from vnethook.engine import Engine
+    from vnethook.paths import get_paths
+
+    paths = get_paths()
+    config = _load(paths)
+    st = Engine(paths, config).status()
+    if config is None:
+        st["problems"].insert(0, "the port map is invalid (see `vnethook check`)")
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(_status_text(st))
+    bad = st["problems"] or any(g["drift"] or g["errors"] for g in st["guests"])
+    return 1 if bad else 0
+
+
+def _status_text(st) -> str:
+    b = st["backend"]
+    lines = [f"firewall backend: {b['name']} ({b['reason']})"]
+    for p in st["problems"]:
+        lines.append(f"problem: {p}")
+    if not st["guests"]:
+        lines.append("no guests with forwards")
+    for g in st["guests"]:
+        state = "running" if g["running"] else "not running"
+        addrs = ", ".join(f"{a} ({how})" for _, a, how in g["addresses"]) or "no address"
+        lines.append(f"\n{g['domain']} [{state}] {addrs}")
+        for f in g["desired"]:
+            mark = "ok" if f in g["installed"] else "MISSING"
+            lines.append(f"  {mark:8} {f}")
+        for f in g["installed"]:
+            if f not in g["desired"]:
+                lines.append(f"  {'EXTRA':8} {f}")
+        for w in g["waiting"]:
+            lines.append(f"  waiting: {w}")
+        for e in g["errors"]:
+            lines.append(f"  error: {e}")
+        for d in g["drift"]:
+            lines.append(f"  drift: {d}")
+    return "\n".join(lines)
+
+
+def _sync(args) -> int:
+    from vnethook.engine import Engine
+    from vnethook.paths import get_paths
+
+    paths = get_paths()
+    config = _load(paths)
+    if config is None:
+        return 1
+    report = Engine(paths, config).sync(verify=not args.no_verify)
+    for name in report.applied:
+        print(f"updated {name}")
+    for name in report.removed:
+        print(f"removed {name}")
+    for name, why in report.waiting.items():
+        for w in why:
+            print(f"waiting: {w}")
+    for e in report.errors:
+        sys.stderr.write(f"vnethook: sync: {e}\n")
+    print(f"sync: {len(report.applied)} updated, {len(report.removed)} removed, {report.unchanged} unchanged")
+    return 1 if report.errors else 0
+
+
+def _flush(args) -> int:
+    from vnethook.config import ConfigError, load_config
+    from vnethook.engine import Engine
+    from vnethook.paths import get_paths
+
+    paths = get_paths()
+    try:
+        config = load_config(paths)
+    except ConfigError:
+        config = None  # flushing must work with a broken map too
+    done = Engine(paths, config).flush()
+    print(f"flushed vnethook's rules from: {', '.join(done) or 'nothing'}")
+    return 0
+
+
+def _install(args) -> int:
+    from vnethook.install import install
+
+    return install(root=args.root, force=args.force, mode=args.mode, reload=not args.no_reload)
+
+
+def _uninstall(args) -> int:
+    from vnethook.install import uninstall
+
+    return uninstall(root=args.root, reload=not args.no_reload)
+
+
+def _watch(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.watch import run
+
+    return run(get_paths(), interval=args.interval, idle_exit=args.idle_exit, max_seconds=args.max_seconds)
+
+
+def _hook(args) -> int:
+    from vnethook.hook import main as hook_main
+
+    return hook_main(args.kind, ["hook"] + list(args.args))

@@ -1,0 +1,419 @@
+"""Orchestration: plan -> backend -> record, under one lock.
+
+The engine is the only place that connects the pure parts (config, libvirt
+readers, plan) with the side-effecting ones (firewall backends, sysctl,
+state). Hooks, sync, the lease waiter and the CLI all go through it, so
+every path follows the same write-ahead discipline:
+
+  record(pending) -> backend.apply/remove (atomic) -> record(final)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from vnethook import log, state
+from vnethook.lock import Lock
+from vnethook.model import Forward, guest_key
+
+
+class SyncReport:
+    def __init__(self):
+        self.applied = []  # domains whose rules changed
+        self.removed = []  # domains/keys whose rules were removed
+        self.unchanged = 0
+        self.waiting = {}  # domain -> reasons
+        self.errors = []
+
+
+class Engine:
+    def __init__(self, paths, config=None):
+        self.paths = paths
+        self.config = config
+        self._backends = {}
+        self._selected = None
+
+    # ----------------------------------------------------------- backend
+    def selected_backend(self, redetect: bool = False) -> tuple:
+        """(name, reason) of the backend to use for new rules."""
+        if self._selected and not redetect:
+            return self._selected
+        setting = self.config.settings.firewall if self.config else "auto"
+        if setting != "auto":
+            self._selected = (setting, "settings.firewall in the port map")
+            return self._selected
+        self._selected = _detect_cached(self.paths, redetect)
+        return self._selected
+
+    def backend(self, name: str | None = None):
+        name = name or self.selected_backend()[0]
+        b = self._backends.get(name)
+        if b is None:
+            from vnethook.firewall import get_backend
+
+            b = get_backend(name)
+            self._backends[name] = b
+        return b
+
+    # ------------------------------------------------------------ guests
+    def plan_domain(self, domain, hook_network=None, now: float | None = None):
+        """Plan one running domain from config, libvirt files and leases."""
+        from vnethook import libvirt
+        from vnethook.plan import Plan, plan_guest
+
+        guest = self.config.guests.get(domain.name) if self.config else None
+        if guest is None:
+            return None
+        networks = libvirt.networks_for(self.paths, domain, hook_network)
+        leases = {}
+        for nic in domain.interfaces:
+            net = networks.get(nic.network) if nic.network else None
+            bridge = nic.bridge or (net.bridge if net else None)
+            if bridge and bridge not in leases:
+                try:
+                    leases[bridge] = libvirt.read_leases(self.paths.lease_file(bridge), now=now or time.time())
+                except libvirt.LibvirtDataError as e:
+                    log.warning(f"ignoring unreadable leases: {e}", DOMAIN=domain.name)
+                    leases[bridge] = []
+        return plan_guest(guest, domain, networks, leases, now=now or time.time())
+
+    def apply_domain(self, domain, hook_network=None, event: str = "") -> object:
+        """Bring one running domain's forwards in line with its plan."""
+        plan = self.plan_domain(domain, hook_network)
+        key = guest_key(domain.name)
+        if plan is None:
+            # Not (or no longer) in the map: take away what we added earlier.
+            if state.exists(self.paths, key):
+                self.remove_guest(domain.name, reason=f"{event}: guest no longer in the port map")
+            return None
+        for err in plan.errors:
+            log.error(err, DOMAIN=domain.name)
+        for w in plan.waiting:
+            log.info(f"waiting: {w}", DOMAIN=domain.name)
+        with Lock(self.paths.lock_file):
+            self._converge(key, domain.name, list(plan.forwards), list(plan.waiting), event)
+        return plan
+
+    def remove_guest(self, domain_name: str, reason: str = "", key: str | None = None) -> bool:
+        """Remove a guest's forwards, working only from the record."""
+        key = key or guest_key(domain_name)
+        with Lock(self.paths.lock_file):
+            return self._remove_locked(key, reason)
+
+    def remove_macs(self, domain_name: str, macs: list, reason: str = "") -> None:
+        """Drop the forwards that point at NICs that went away (unplug)."""
+        key = guest_key(domain_name)
+        with Lock(self.paths.lock_file):
+            rec = state.read(self.paths, key)
+            if rec is None:
+                return
+            keep = [f for f in state.forwards_of(rec) if f.mac not in set(m.lower() for m in macs)]
+            self._converge(key, domain_name, keep, list(rec.get("waiting") or ()), reason)
+
+    def _remove_locked(self, key: str, reason: str) -> bool:
+        self._recover_if_needed()
+        rec = state.read(self.paths, key)
+        if rec is None:
+            if not state.exists(self.paths, key):
+                return False
+            # Corrupt record: let the current backend find the rules by tag.
+            self.backend().remove(key, None)
+            state.delete(self.paths, key)
+            return True
+        bname = rec.get("backend") or self.selected_backend()[0]
+        previous = None if rec.get("pending") else rec.get("rules")
+        self.backend(bname).remove(key, previous)
+        for f in state.forwards_of(rec):
+            log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", bname))
+        state.delete(self.paths, key)
+        self._update_localnet()
+        return True
+
+    def _recover_if_needed(self) -> None:
+        """Rebuild records from tagged rules when the state dir was lost.
+
+        The records live on tmpfs; if they vanish while rules exist (someone
+        removed /run/vnethook), trusting "no record = nothing installed"
+        would duplicate rules. A missing guests dir triggers one listing of
+        what the firewall holds; each guest found gets a pending record so
+        its next change replaces the rules found by tag.
+        """
+        if os.path.isdir(self.paths.guests_dir):
+            return
+        state.ensure_dirs(self.paths)
+        try:
+            backend = self.backend()
+            snap = backend.snapshot()
+        except Exception as e:
+            log.warning(f"state directory was missing and the firewall could not be listed: {e}")
+            return
+        for key, rules in snap.guests.items():
+            state.write(self.paths, key, key, backend.name, [], sorted(rules), pending=True)
+            log.warning(f"state was missing: recovered {len(rules)} tagged rule(s) of {key} from the firewall")
+
+    def _converge(self, key: str, domain: str, forwards: list, waiting: list, reason: str) -> None:
+        self._recover_if_needed()
+        rec = state.read(self.paths, key)
+        name = self.selected_backend()[0]
+        old_forwards = state.forwards_of(rec)
+        if rec is not None and rec.get("backend") and rec["backend"] != name:
+            # The host switched firewall backends: clear the old one first.
+            self.backend(rec["backend"]).remove(key, None if rec.get("pending") else rec.get("rules"))
+            rec = None
+        previous = None
+        if rec is not None and not rec.get("pending"):
+            previous = rec.get("rules")
+        elif rec is None and not state.exists(self.paths, key):
+            previous = []  # never installed by us: nothing to find
+        if not forwards and not previous and previous is not None:
+            if rec is not None:
+                state.delete(self.paths, key)
+            if waiting:
+                state.write(self.paths, key, domain, name, [], [], waiting=waiting)
+            return
+        backend = self.backend(name)
+        state.write(self.paths, key, domain, name, old_forwards, (rec or {}).get("rules") or [], pending=True, waiting=waiting)
+        try:
+            rules = backend.apply(key, forwards, previous)
+        except Exception:
+            # The batch is atomic: the firewall holds the old set. Keep the
+            # record pending so the next run verifies by tag.
+            raise
+        if forwards or waiting:
+            state.write(self.paths, key, domain, name, forwards, rules, waiting=waiting)
+        else:
+            state.delete(self.paths, key)
+        old, new = set(old_forwards), set(forwards)
+        for f in sorted(new - old, key=lambda f: f.describe()):
+            log.info(f"added {f.describe()} ({reason})", **log.forward_fields(f, "add", name))
+        for f in sorted(old - new, key=lambda f: f.describe()):
+            log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", name))
+        if any(f.is_loopback for f in old ^ new) or any(f.is_loopback for f in forwards):
+            self._update_localnet()
+
+    def _update_localnet(self) -> None:
+        """route_localnet on exactly the bridges that have a 127.x forward."""
+        need = set()
+        for rec in state.all_records(self.paths).values():
+            for f in state.forwards_of(rec):
+                if f.is_loopback and f.family == 4:
+                    need.add(f.bridge)
+        try:
+            from vnethook.firewall import sysctl
+        except ImportError:
+            return
+        try:
+            sysctl.ensure_localnet(self.paths.state_dir, need)
+        except OSError as e:
+            log.warning(f"could not set route_localnet: {e}")
+
+    # -------------------------------------------------------------- sync
+    def running_configured(self) -> dict:
+        """Running domains that the map configures, by key."""
+        from vnethook import libvirt
+
+        out = {}
+        for dom in libvirt.running_domains(self.paths):
+            if self.config and dom.name in self.config.guests:
+                out[guest_key(dom.name)] = dom
+        return out
+
+    def sync(self, verify: bool = True, only_network: str | None = None) -> SyncReport:
+        """Make installed forwards exactly match the plan of running guests.
+
+        verify=True lists what the firewall really holds (after a firewalld
+        reload or `nft flush ruleset` the records lie); verify=False trusts
+        the records, which is what the lease waiter needs and is cheap.
+        """
+        report = SyncReport()
+        if verify:
+            self.selected_backend(redetect=True)
+        running = self.running_configured()
+        if only_network is not None:
+            running = {k: d for k, d in running.items() if any(i.network == only_network for i in d.interfaces)}
+        plans = {}
+        for key, dom in running.items():
+            try:
+                plans[key] = (dom, self.plan_domain(dom))
+            except Exception as e:  # one bad guest must not stop the others
+                report.errors.append(f"{dom.name}: {e}")
+        backend = self.backend()
+        snap = None
+        if verify:
+            snap = backend.snapshot()
+            if not snap.base_ok:
+                for p in snap.problems:
+                    log.warning(f"firewall base: {p}", BACKEND=backend.name)
+                try:
+                    backend.ensure_base()
+                except Exception as e:
+                    report.errors.append(f"ensure base: {e}")
+        with Lock(self.paths.lock_file):
+            records = state.all_records(self.paths)
+            for key, (dom, plan) in plans.items():
+                rec = records.get(key)
+                if plan is None:
+                    continue
+                if plan.waiting:
+                    report.waiting[dom.name] = list(plan.waiting)
+                want = set(plan.forwards)
+                have = set(state.forwards_of(rec))
+                drift = False
+                if rec is not None and snap is not None and rec.get("backend") == backend.name:
+                    drift = set(rec.get("rules") or ()) != snap.guests.get(key, set())
+                elif rec is None and snap is not None and snap.guests.get(key):
+                    drift = True
+                pending = rec is not None and rec.get("pending")
+                if want == have and not drift and not pending and rec is not None and (rec.get("backend") == backend.name):
+                    if list(rec.get("waiting") or ()) != list(plan.waiting):
+                        state.write(self.paths, key, dom.name, backend.name, list(plan.forwards), rec.get("rules") or [], waiting=list(plan.waiting))
+                    report.unchanged += 1
+                    continue
+                if want == have == set() and rec is None and not drift:
+                    if plan.waiting:
+                        state.write(self.paths, key, dom.name, backend.name, [], [], waiting=list(plan.waiting))
+                    continue
+                if drift and rec is not None:
+                    rec["pending"] = True  # distrust the record: find rules by tag
+                    state.write(self.paths, key, dom.name, rec.get("backend") or backend.name, list(have), rec.get("rules") or [], pending=True, waiting=list(plan.waiting))
+                try:
+                    self._converge(key, dom.name, list(plan.forwards), list(plan.waiting), "sync")
+                    report.applied.append(dom.name)
+                except Exception as e:
+                    report.errors.append(f"{dom.name}: {e}")
+            if only_network is None:
+                gone = set(records) | (set(snap.guests) if snap else set())
+                gone -= set(plans)
+                for key in sorted(gone):
+                    rec = records.get(key)
+                    name = (rec or {}).get("domain") or key
+                    try:
+                        if rec is None and key not in records:
+                            backend.remove(key, None)
+                        else:
+                            self._remove_locked(key, "sync: guest not running or not in the map")
+                        report.removed.append(name)
+                    except Exception as e:
+                        report.errors.append(f"{name}: {e}")
+        return report
+
+    def remove_network(self, network: str) -> list:
+        """Remove the forwards of every guest whose forwards use `network`."""
+        done = []
+        with Lock(self.paths.lock_file):
+            for key, rec in state.all_records(self.paths).items():
+                if rec and any(f.network == network for f in state.forwards_of(rec)):
+                    self._remove_locked(key, f"network {network} stopped")
+                    done.append(rec.get("domain") or key)
+        return done
+
+    def flush(self) -> list:
+        """Remove everything vnethook owns, from every backend it may have used."""
+        names = set()
+        for rec in state.all_records(self.paths).values():
+            if rec and rec.get("backend"):
+                names.add(rec["backend"])
+        try:
+            names.add(self.selected_backend()[0])
+        except Exception:
+            pass
+        done = []
+        with Lock(self.paths.lock_file):
+            for n in sorted(names):
+                self.backend(n).flush()
+                done.append(n)
+            for key in list(state.all_records(self.paths)):
+                state.delete(self.paths, key)
+            self._update_localnet()
+        return done
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict:
+        name, reason = self.selected_backend(redetect=True)
+        out = {"backend": {"name": name, "reason": reason}, "guests": [], "problems": []}
+        try:
+            snap = self.backend().snapshot()
+        except Exception as e:
+            snap = None
+            out["problems"].append(f"cannot list the firewall: {e}")
+        if snap is not None:
+            out["problems"].extend(snap.problems)
+        records = state.all_records(self.paths)
+        running = {}
+        try:
+            running = self.running_configured()
+        except Exception as e:
+            out["problems"].append(f"cannot read running domains: {e}")
+        keys = sorted(set(records) | set(running) | (set(snap.guests) if snap else set()))
+        for key in keys:
+            rec = records.get(key)
+            dom = running.get(key)
+            name = dom.name if dom else ((rec or {}).get("domain") or key)
+            plan = None
+            if dom is not None:
+                try:
+                    plan = self.plan_domain(dom)
+                except Exception as e:
+                    out["problems"].append(f"{name}: {e}")
+            desired = sorted(f.describe() for f in (plan.forwards if plan else ()))
+            installed = sorted(f.describe() for f in state.forwards_of(rec))
+            have_rules = snap.guests.get(key, set()) if snap else set()
+            rec_rules = set((rec or {}).get("rules") or ())
+            drift = []
+            if snap is not None and rec_rules != have_rules:
+                missing = len(rec_rules - have_rules)
+                extra = len(have_rules - rec_rules)
+                drift.append(f"{missing} recorded rule(s) missing, {extra} unrecorded rule(s) present in the firewall")
+            if set(desired) != set(installed):
+                drift.append("installed forwards differ from the map (run `vnethook sync`)")
+            out["guests"].append(
+                {
+                    "domain": name,
+                    "key": key,
+                    "running": dom is not None,
+                    "addresses": [list(a) for a in (plan.addresses if plan else ())],
+                    "desired": desired,
+                    "installed": installed,
+                    "waiting": list(plan.waiting) if plan else list((rec or {}).get("waiting") or ()),
+                    "errors": list(plan.errors) if plan else [],
+                    "drift": drift,
+                    "backend": (rec or {}).get("backend"),
+                }
+            )
+        return out
+
+
+def _detect_cached(paths, redetect: bool) -> tuple:
+    """Detect libvirt's firewall backend once, then reuse it from /run.
+
+    Detection may list nft tables; caching keeps hooks fast. The cache is
+    dropped when network.conf changes and refreshed at every network start
+    and sync, which is exactly when libvirt may have created its tables.
+    """
+    cache = os.path.join(paths.state_dir, "backend.json")
+    try:
+        st = os.stat(paths.network_conf)
+        stamp = [st.st_mtime_ns, st.st_size]
+    except OSError:
+        stamp = None
+    if not redetect:
+        try:
+            with open(cache, "rb") as f:
+                data = json.loads(f.read())
+            if data.get("stamp") == stamp and data.get("name"):
+                return data["name"], data["reason"]
+        except (OSError, ValueError):
+            pass
+    from vnethook.firewall import detect
+
+    name, reason = detect(paths)
+    try:
+        os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"name": name, "reason": reason, "stamp": stamp}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return name, reason

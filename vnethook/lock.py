@@ -1,0 +1,49 @@
+"""One lock for every change vnethook makes.
+
+libvirt starts several guests at once and runs their hooks concurrently;
+sync and the lease waiter run on their own. Each read-modify-write of a
+guest's record and rules happens under this lock, so no update is lost.
+The firewall tools take their own xtables lock as well (-w).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+
+
+class LockTimeout(Exception):
+    pass
+
+
+class Lock:
+    def __init__(self, path: str, timeout: float = 120.0):
+        self.path = path
+        self.timeout = timeout
+        self.fd = -1
+
+    def __enter__(self) -> "Lock":
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.002
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                self.fd = -1
+                raise LockTimeout(f"could not take {self.path} within {self.timeout:.0f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = -1

@@ -1,0 +1,205 @@
+"""The plan: which forwards a guest should have, as a pure function.
+
+Everything the decision needs is passed in (the guest's config entry, the
+domain as libvirt describes it, its networks, the leases seen), so the plan
+is deterministic, has no side effects, and is unit-testable with captured
+fixtures. Reading files and changing the firewall happen elsewhere.
+
+When an address cannot be resolved yet (a freshly booted guest has no
+lease at `started`), the plan says so in `waiting` instead of failing, so
+the caller can arrange to come back when the lease appears.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from vnethook.model import Forward
+
+
+class Plan:
+    """The outcome for one guest (a plain class: dataclasses cost 10 ms to import)."""
+
+    __slots__ = ("domain", "forwards", "waiting", "errors", "addresses")
+
+    def __init__(self, domain, forwards=(), waiting=(), errors=(), addresses=()):
+        self.domain = domain
+        self.forwards = tuple(forwards)  # Forward, ...
+        self.waiting = tuple(waiting)  # why some forwards cannot be placed yet
+        self.errors = tuple(errors)  # config that cannot be honoured (never retried)
+        self.addresses = tuple(addresses)  # (mac, address, where it came from)
+
+    @property
+    def complete(self) -> bool:
+        return not self.waiting
+
+    def to_dict(self) -> dict:
+        return {
+            "domain": self.domain,
+            "forwards": [f.to_dict() for f in self.forwards],
+            "waiting": list(self.waiting),
+            "errors": list(self.errors),
+            "addresses": [list(a) for a in self.addresses],
+        }
+
+
+def _family(addr: str) -> int:
+    return ipaddress.ip_address(addr).version
+
+
+def _pick_nic(guest, domain):
+    """Choose the NIC the forwards point at, or say why none fits."""
+    nics = [i for i in domain.interfaces if i.network]
+    want = guest.interface
+    if want:
+        if _looks_like_mac(want):
+            for i in domain.interfaces:
+                if i.mac == want.lower():
+                    if not i.network:
+                        return None, f"interface {want} is not on a libvirt network"
+                    return i, None
+            return None, f"no interface with MAC {want}"
+        for i in nics:
+            if i.network == want:
+                return i, None
+        return None, f"no interface on network '{want}'"
+    if not nics:
+        return None, "no interface on a libvirt network"
+    return nics[0], None
+
+
+def _looks_like_mac(s: str) -> bool:
+    parts = s.split(":")
+    return len(parts) == 6 and all(len(p) == 2 for p in parts) and all(
+        c in "0123456789abcdefABCDEF" for p in parts for c in p
+    )
+
+
+def _subnet_for(network, addr: str):
+    ip = ipaddress.ip_address(addr)
+    for s in network.subnets:
+        if s.family == ip.version and ip in ipaddress.ip_network(s.cidr, strict=False):
+            return s
+    return None
+
+
+def _first_subnet(network, family: int):
+    for s in network.subnets:
+        if s.family == family:
+            return s
+    return None
+
+
+def plan_guest(
+    guest,
+    domain,
+    networks,
+    leases,
+    now=None,
+) -> Plan:
+    """Turn one guest's config entry into concrete forwards.
+
+    guest: config.GuestConfig. domain: libvirt.Domain. networks: network name
+    -> libvirt.Network. leases: bridge name -> unexpired libvirt.Lease list.
+    Address precedence per family: the map's fixed address, then a static
+    DHCP host of the network, then the newest lease for the NIC's MAC.
+    """
+    nic, why = _pick_nic(guest, domain)
+    if nic is None:
+        return Plan(domain.name, waiting=(f"{domain.name}: {why}",))
+    network = networks.get(nic.network)
+    if network is None:
+        return Plan(domain.name, waiting=(f"{domain.name}: network '{nic.network}' is not running",))
+    bridge = nic.bridge or network.bridge
+    if not bridge:
+        return Plan(domain.name, waiting=(f"{domain.name}: network '{nic.network}' has no bridge",))
+
+    errors = []
+    waiting = []
+    addrs = {}  # family -> (address, subnet)
+    how = []  # (mac, address, where it came from)
+
+    for a in guest.addresses:
+        fam = _family(a)
+        sub = _subnet_for(network, a)
+        if sub is None:
+            if not guest.allow_outside_network:
+                errors.append(
+                    f"{guest.origin}: guest '{domain.name}': address {a} is outside network "
+                    f"'{network.name}' ({', '.join(s.cidr for s in network.subnets) or 'no subnet'}); "
+                    f"set allow_outside_network: true to forward there anyway"
+                )
+                continue
+            sub = _first_subnet(network, fam)
+        addrs[fam] = (a, sub)
+        how.append((nic.mac, a, "map"))
+
+    if 4 not in addrs:
+        for mac, ip in network.dhcp_hosts:
+            if mac == nic.mac and _family(ip) == 4:
+                sub = _subnet_for(network, ip)
+                if sub is not None:
+                    addrs[4] = (ip, sub)
+                    how.append((nic.mac, ip, "static DHCP host"))
+                break
+    for lease in _newest_first(leases.get(bridge, ()), nic.mac, now):
+        fam = _family(lease.ip)
+        if fam in addrs:
+            continue
+        sub = _subnet_for(network, lease.ip)
+        if sub is None:
+            continue  # a stale lease from another subnet definition
+        addrs[fam] = (lease.ip, sub)
+        how.append((nic.mac, lease.ip, "lease"))
+
+    forwards = []
+    for rule in guest.forwards:
+        if rule.host_address is not None:
+            families = [_family(rule.host_address)]
+        else:
+            families = sorted(addrs) or [4]
+        for fam in families:
+            if fam not in addrs:
+                waiting.append(
+                    f"{domain.name}: no IPv{fam} address yet for {nic.mac} on '{nic.network}' "
+                    f"(no fixed address, static host or lease)"
+                )
+                continue
+            sources = tuple(s for s in rule.sources if _family(s.split("/")[0]) == fam)
+            if rule.sources and not sources:
+                continue  # restricted to sources of the other family only
+            address, sub = addrs[fam]
+            forwards.append(
+                Forward(
+                    domain=domain.name,
+                    mac=nic.mac,
+                    network=nic.network,
+                    bridge=bridge,
+                    subnet=sub.cidr if sub is not None else ("0.0.0.0/0" if fam == 4 else "::/0"),
+                    family=fam,
+                    guest_address=address,
+                    protocol=rule.protocol,
+                    host_address=rule.host_address,
+                    host_ports=tuple(rule.host_ports),
+                    guest_ports=tuple(rule.guest_ports),
+                    sources=sources,
+                    origin=rule.origin,
+                )
+            )
+    return Plan(
+        domain=domain.name,
+        forwards=tuple(_dedupe(forwards)),
+        waiting=tuple(dict.fromkeys(waiting)),
+        errors=tuple(errors),
+        addresses=tuple(how),
+    )
+
+
+def _newest_first(leases, mac, now):
+    mine = [l for l in leases if l.mac == mac and (not now or l.expiry == 0 or l.expiry > now)]
+    # expiry 0 means "never expires": treat it as the newest
+    return sorted(mine, key=lambda l: (l.expiry == 0, l.expiry), reverse=True)
+
+
+def _dedupe(forwards):
+    return list(dict.fromkeys(forwards))

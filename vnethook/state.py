@@ -1,0 +1,110 @@
+"""The record of what vnethook installed, one small file per guest.
+
+Teardown works from this record, never from the current config or lease,
+so `stopped` removes exactly what `started` added even if the YAML changed
+or the lease vanished in between. The record is written *before* a change
+(marked pending) and again after it: if vnethook is killed in between, the
+next run sees `pending` and lets the backend find the guest's rules by tag
+instead of trusting the record.
+
+A corrupt or unreadable record is treated as lost (None), never fatal: the
+firewall itself is the ground truth that sync falls back to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from vnethook.model import Forward
+
+
+def _path(paths, key: str) -> str:
+    return os.path.join(paths.guests_dir, key + ".json")
+
+
+def ensure_dirs(paths) -> None:
+    os.makedirs(paths.guests_dir, mode=0o700, exist_ok=True)
+
+
+def read(paths, key: str) -> dict | None:
+    try:
+        with open(_path(paths, key), "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+        return None
+    return data
+
+
+def exists(paths, key: str) -> bool:
+    return os.path.exists(_path(paths, key))
+
+
+def write(
+    paths,
+    key: str,
+    domain: str,
+    backend: str,
+    forwards: list,
+    rules: list,
+    pending: bool = False,
+    waiting: "list | None" = None,
+) -> None:
+    ensure_dirs(paths)
+    rec = {
+        "domain": domain,
+        "key": key,
+        "backend": backend,
+        "pending": pending,
+        "forwards": [f.to_dict() for f in forwards],
+        "rules": list(rules),
+        "waiting": list(waiting or ()),
+        "updated": time.time(),
+    }
+    path = _path(paths, key)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(rec, indent=1, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def delete(paths, key: str) -> None:
+    try:
+        os.unlink(_path(paths, key))
+    except FileNotFoundError:
+        pass
+
+
+def all_records(paths) -> dict:
+    """Every readable record, by key. Corrupt files are reported as None."""
+    out = {}
+    try:
+        names = os.listdir(paths.guests_dir)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        key = name[:-5]
+        out[key] = read(paths, key)
+    return out
+
+
+def forwards_of(record: dict | None) -> list:
+    if not record:
+        return []
+    out = []
+    for d in record.get("forwards") or ():
+        try:
+            out.append(Forward.from_dict(d))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out

@@ -1,0 +1,150 @@
+"""Picking up late and changing DHCP leases without holding libvirt up.
+
+A freshly booted guest asks for its lease seconds after the `started` hook
+returned, and libvirt's leases helper then rewrites `<bridge>.status`.
+No hook fires for that. Two mechanisms notice it:
+
+- systemd: `vnethook-leases.path` watches /var/lib/libvirt/dnsmasq and
+  starts `vnethook-sync.service` (packaging/systemd).
+- anything else: the hook spawns this watcher, fully detached (new session,
+  stdio on /dev/null, so libvirt does not wait for it). One per host,
+  guarded by a lock. It polls the lease files' stamps, re-plans on change,
+  and exits when no configured guest is running or after a time bound.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+import time
+
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
+UNIT = "vnethook-leases.path"
+
+
+def systemd_handles_leases() -> bool:
+    if not os.path.isdir("/run/systemd/system"):
+        return False  # not booted with systemd
+    return any(os.path.exists(os.path.join(d, UNIT)) for d in UNIT_DIRS)
+
+
+def _lock_path(paths) -> str:
+    return os.path.join(paths.state_dir, "watch.lock")
+
+
+def _try_lock(paths):
+    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
+    fd = os.open(_lock_path(paths), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def watcher_running(paths) -> bool:
+    fd = _try_lock(paths)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def ensure_watcher(paths, mode: str = "auto") -> bool:
+    """Start the detached watcher unless one runs or systemd does the job."""
+    if mode in ("off", "systemd"):
+        return False
+    if mode == "auto" and systemd_handles_leases():
+        return False
+    if watcher_running(paths):
+        return False
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", "vnethook", "watch"],
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 1),
+                (os.POSIX_SPAWN_DUP2, devnull, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(devnull)
+    return True
+
+
+def _stamps(paths) -> dict:
+    out = {}
+    try:
+        names = os.listdir(paths.dnsmasq_dir)
+    except OSError:
+        return out
+    for n in names:
+        if n.endswith(".status"):
+            try:
+                st = os.stat(os.path.join(paths.dnsmasq_dir, n))
+            except OSError:
+                continue
+            out[n] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return out
+
+
+def _configured_running(paths, config) -> bool:
+    try:
+        names = os.listdir(paths.running_domains_dir)
+    except OSError:
+        return False
+    return any(n.endswith(".xml") and n[:-4] in config.guests for n in names)
+
+
+def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0) -> int:
+    """The watcher loop. Returns when idle, at the time bound, or if another runs."""
+    fd = _try_lock(paths)
+    if fd is None:
+        return 0
+    from vnethook import log
+    from vnethook.config import ConfigError, load_config_cached
+    from vnethook.engine import Engine
+
+    start = time.monotonic()
+    last = None
+    idle_since = None
+    try:
+        while time.monotonic() - start < max_seconds:
+            stamps = _stamps(paths)
+            try:
+                config = load_config_cached(paths)
+            except ConfigError as e:
+                log.error(f"lease watcher: port map is invalid, nothing changed:\n{e}")
+                config = None
+            if config is not None:
+                if stamps != last:
+                    last = stamps
+                    try:
+                        report = Engine(paths, config).sync(verify=False)
+                        for err in report.errors:
+                            log.error(f"lease watcher: {err}")
+                    except Exception as e:  # keep watching; the next change retries
+                        log.error(f"lease watcher: {type(e).__name__}: {e}")
+                        last = None
+                if _configured_running(paths, config):
+                    idle_since = None
+                else:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > idle_exit:
+                        break
+            time.sleep(interval)
+    finally:
+        os.close(fd)
+    return 0
