@@ -1,0 +1,65 @@
+#!/bin/bash
+# Install everything the suite needs on Debian 12/13 (or Ubuntu): the
+# runtime deps as distro packages, a libvirt >= 10.4 (bookworm-backports on
+# Debian 12), and the tools the packaging tests use. Idempotent and quiet
+# when everything is already there.
+set -euo pipefail
+
+[ "$(id -u)" = 0 ] || { echo "tests/deps.sh: run as root" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+
+. /etc/os-release
+CODENAME="${VERSION_CODENAME:-}"
+
+BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptables python3-systemd
+      python3-pytest python3-hypothesis python3-venv python3-pip busybox iproute2 procps
+      dnsmasq-base qemu-system-x86 kmod
+      dpkg-dev debhelper dh-python python3-all python3-setuptools lintian rpm systemd fakeroot)
+LIBVIRT=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network)
+
+missing=()
+for p in "${BASE[@]}" "${LIBVIRT[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+lv_ok=1
+if command -v libvirtd >/dev/null; then
+    v=$(libvirtd --version | grep -oE '[0-9]+\.[0-9]+' | head -1)
+    [ "$(printf '%s\n' 10.4 "$v" | sort -V | head -1)" = 10.4 ] || lv_ok=0
+else
+    lv_ok=0
+fi
+if [ ${#missing[@]} -eq 0 ] && [ $lv_ok = 1 ]; then
+    exit 0
+fi
+
+echo "tests/deps.sh: installing: ${missing[*]:-} (libvirt >= 10.4: $([ $lv_ok = 1 ] && echo present || echo needed))"
+apt_opts=(-y -q --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+lv_pkgs=("${LIBVIRT[@]}")
+if [ "$CODENAME" = bookworm ]; then
+    # Debian 12 ships libvirt 9.0 (iptables backend only); backports has 11.x.
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat > /etc/apt/sources.list.d/vnethook-tests-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    # Name every libvirt package with /bookworm-backports (not -t, which
+    # would also upgrade systemd and udev).
+    lv_pkgs=()
+    for p in libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network \
+             libvirt-daemon-config-network libvirt-daemon-config-nwfilter libvirt-daemon libvirt0 \
+             libvirt-daemon-common libvirt-daemon-lock libvirt-daemon-log libvirt-daemon-driver-nwfilter \
+             libvirt-daemon-system-systemd libvirt-common libvirt-l10n libvirt-daemon-plugin-lockd \
+             libvirt-daemon-driver-nodedev libvirt-daemon-driver-secret libvirt-daemon-driver-storage \
+             libvirt-daemon-driver-interface libvirt-daemon-plugin-sanlock libvirt-clients-qemu; do
+        lv_pkgs+=("$p/bookworm-backports")
+    done
+fi
+apt-get update -q >/dev/null
+apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null
+# The packages' postinst may have started nothing (no systemd), but be sure
+# no host libvirtd from the package interferes with the sandboxes.
+exit 0
