@@ -1,1 +1,99 @@
-"""Firewall backends. See base.py for the interface."""
+"""Firewall backends. See base.py for the interface.
+
+Importing this package is cheap on purpose: the hook imports it on every
+event, and only the chosen backend's module (and its bindings: iptc,
+nftables) is loaded, by get_backend().
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from typing import Optional, Tuple
+
+from vnethook.firewall.base import Backend, FirewallError
+
+BACKENDS = {
+    "iptables-nft": ("vnethook.firewall.iptables_nft", "IptablesNftBackend"),
+    "iptables-legacy": ("vnethook.firewall.iptables_legacy", "IptablesLegacyBackend"),
+    "nftables": ("vnethook.firewall.nftables", "NftablesBackend"),
+}
+
+_SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        module, cls = BACKENDS[name]
+    except KeyError:
+        raise FirewallError(f"unknown firewall backend {name!r} "
+                            f"(known: {', '.join(sorted(BACKENDS))})") from None
+    return getattr(importlib.import_module(module), cls)()
+
+
+def _network_conf_backend(path: str) -> Optional[str]:
+    """firewall_backend from libvirt's network.conf, or None when unset."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    value = None
+    for line in text.splitlines():
+        m = re.match(r'\s*firewall_backend\s*=\s*"([^"]*)"', line)
+        if m:
+            value = m.group(1).strip()
+    return value
+
+
+def _run(argv) -> Optional[str]:
+    tool = shutil.which(argv[0], path=f"{os.environ.get('PATH', '')}:{_SBIN}")
+    if not tool:
+        return None
+    try:
+        p = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def _has_libvirt_nft_table() -> bool:
+    out = _run(["nft", "-j", "list", "tables"])
+    if not out:
+        return False
+    try:
+        items = json.loads(out).get("nftables", [])
+    except ValueError:
+        return False
+    return any(i.get("table", {}).get("name") == "libvirt_network"
+               and i["table"].get("family") in ("ip", "ip6") for i in items)
+
+
+def detect(paths, iptables: str = "/usr/sbin/iptables") -> Tuple[str, str]:
+    """Which backend matches the firewall libvirt uses here, and why.
+
+    libvirt's REJECT decides; our accept must live in the same place, so
+    this follows libvirt's configuration and what it actually created.
+    """
+    conf = _network_conf_backend(paths.network_conf)
+    if conf == "nftables":
+        return "nftables", "network.conf sets firewall_backend=nftables"
+    said = ("network.conf sets firewall_backend=iptables" if conf == "iptables"
+            else "network.conf does not set firewall_backend")
+    if _has_libvirt_nft_table():
+        return "nftables", f"{said}, but libvirt's nftables table ip libvirt_network exists"
+    real = os.path.realpath(iptables)
+    base = os.path.basename(real)
+    if "legacy" in base:
+        return "iptables-legacy", f"{said}; iptables is iptables-legacy ({iptables} -> {base})"
+    if "nft" in base:
+        return "iptables-nft", (f"{said}; iptables is iptables-nft ({iptables} -> {base}); "
+                                "libvirt has no nftables table")
+    legacy = _run(["iptables-legacy-save", "-t", "filter"]) or ""
+    if ":LIBVIRT_FWI " in legacy:
+        return "iptables-legacy", f"{said}; libvirt's LIBVIRT_FWI chain is in the legacy tables"
+    return "iptables-nft", f"{said}; {iptables} -> {real} is neither flavour by name, assuming nft"

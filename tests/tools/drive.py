@@ -1,0 +1,136 @@
+#!/usr/bin/python3
+"""Drive one firewall backend from inside a test netns.
+
+  drive.py apply BACKEND KEY STATE_DIR [--no-previous] [--inject-bad]  (Forwards JSON on stdin)
+  drive.py remove BACKEND KEY STATE_DIR [--no-previous]
+  drive.py snapshot BACKEND
+  drive.py flush BACKEND STATE_DIR
+  drive.py ensure-base BACKEND
+
+It plays the engine's part: keeps each guest's record (KEY.record.json) and
+forwards (KEY.forwards.json) in STATE_DIR, passes the record as `previous`,
+and keeps route_localnet in step with all guests' loopback forwards.
+Prints one JSON object: {"ok": bool, "record"|"snapshot"|"error": ..., "ms": float}
+where ms is the time the backend call itself took.
+
+--inject-bad adds a rule the kernel refuses to the new set (for the
+iptables renderers), to prove that a failed change leaves the old one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from vnethook.firewall import get_backend  # noqa: E402
+from vnethook.firewall.base import FirewallError  # noqa: E402
+from vnethook.firewall.sysctl import ensure_localnet  # noqa: E402
+from vnethook.model import Forward  # noqa: E402
+
+
+def _read(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def _write(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _localnet(state_dir):
+    needed = set()
+    for p in glob.glob(os.path.join(state_dir, "*.forwards.json")):
+        for d in _read(p, []):
+            fw = Forward.from_dict(d)
+            if fw.is_loopback and fw.family == 4:
+                needed.add(fw.bridge)
+    ensure_localnet(state_dir, needed)
+
+
+def _inject_bad():
+    from vnethook.firewall import iptables_rules as ir
+
+    real = ir.render
+
+    def render(forwards):
+        rules = real(forwards)
+        if rules:
+            r = rules[0]
+            rules.append(ir.Rule(r.family, "filter", ir.CHAIN_FWD, "VNETHOOK-NO-SUCH-CHAIN",
+                                 comment=r.comment))
+        return rules
+
+    ir.render = render
+
+
+def main(argv):
+    cmd, backend_name = argv[0], argv[1]
+    flags = {a for a in argv if a.startswith("--")}
+    pos = [a for a in argv if not a.startswith("--")]
+    if "--inject-bad" in flags:
+        _inject_bad()
+    backend = get_backend(backend_name)
+    out = {"ok": True}
+    t0 = time.perf_counter()
+    try:
+        if cmd == "apply":
+            key, state_dir = pos[2], pos[3]
+            fws = [Forward.from_dict(d) for d in json.load(sys.stdin)]
+            rec_path = os.path.join(state_dir, f"{key}.record.json")
+            previous = None if "--no-previous" in flags else _read(rec_path)
+            t0 = time.perf_counter()
+            record = backend.apply(key, fws, previous)
+            out["ms"] = (time.perf_counter() - t0) * 1000
+            _write(rec_path, record)
+            _write(os.path.join(state_dir, f"{key}.forwards.json"), [f.to_dict() for f in fws])
+            _localnet(state_dir)
+            out["record"] = record
+        elif cmd == "remove":
+            key, state_dir = pos[2], pos[3]
+            rec_path = os.path.join(state_dir, f"{key}.record.json")
+            previous = None if "--no-previous" in flags else _read(rec_path)
+            t0 = time.perf_counter()
+            backend.remove(key, previous)
+            out["ms"] = (time.perf_counter() - t0) * 1000
+            for p in (rec_path, os.path.join(state_dir, f"{key}.forwards.json")):
+                if os.path.exists(p):
+                    os.unlink(p)
+            _localnet(state_dir)
+        elif cmd == "snapshot":
+            snap = backend.snapshot()
+            out["ms"] = (time.perf_counter() - t0) * 1000
+            out["snapshot"] = {"guests": {k: sorted(v) for k, v in snap.guests.items()},
+                               "base_ok": snap.base_ok, "problems": snap.problems}
+        elif cmd == "flush":
+            state_dir = pos[2]
+            backend.flush()
+            out["ms"] = (time.perf_counter() - t0) * 1000
+            for p in glob.glob(os.path.join(state_dir, "*.json")):
+                if not p.endswith("route_localnet.json"):
+                    os.unlink(p)
+            _localnet(state_dir)
+        elif cmd == "ensure-base":
+            backend.ensure_base()
+            out["ms"] = (time.perf_counter() - t0) * 1000
+        else:
+            raise SystemExit(f"unknown command {cmd}")
+    except FirewallError as e:
+        out = {"ok": False, "error": str(e), "ms": (time.perf_counter() - t0) * 1000}
+    print(json.dumps(out))
+    return 0 if out["ok"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

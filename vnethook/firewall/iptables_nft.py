@@ -1,0 +1,272 @@
+"""Forwards as iptables rules in the nf_tables-backed tables (iptables-nft).
+
+libvirt's iptables backend runs the `iptables` binary, which on current
+distributions is iptables-nft. Its REJECT lives in those nft-backed tables,
+so our accept must live there too, ahead of libvirt's jumps: a legacy
+(x_tables) accept cannot override an nft reject.
+
+Every change is one `iptables-nft-restore --noflush -w` run per family,
+fed on stdin. Never one process per rule: a 1000-rule change costs the same
+single process as a 1-rule change. iptables-nft-restore commits each table
+section (`*nat` ... `COMMIT`) as its own nf_tables transaction, so a change
+is atomic per table; if a later table fails after an earlier one committed,
+the caller's fallback (list, then replace) converges the firewall in the
+same call. The nat section carries only DNAT/masquerade, the filter
+section only accepts, so a half-applied change is never a wider opening.
+
+Careful with `--noflush`: declaring an existing user chain (`:CHAIN`)
+flushes it, so chains are declared only when a listing showed them missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from vnethook.firewall import iptables_rules as ir
+from vnethook.firewall.base import Backend, FirewallError, Snapshot
+from vnethook.model import Forward
+
+_SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def find_tool(name: str) -> str:
+    """Absolute path of a firewall tool; hooks may run with a minimal PATH."""
+    path = os.environ.get("PATH", "")
+    found = shutil.which(name, path=f"{path}:{_SBIN}" if path else _SBIN)
+    if not found:
+        raise FirewallError(f"{name} not found (install iptables)")
+    return found
+
+
+def check_key(key: str, forwards: Sequence[Forward]) -> None:
+    for fw in forwards:
+        if fw.key != key:
+            raise FirewallError(f"forward {fw.describe()} belongs to {fw.key}, not {key}")
+
+
+class IptablesNftBackend(Backend):
+    """iptables-nft: one restore batch per family per change."""
+
+    name = "iptables-nft"
+    restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
+    save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
+
+    def __init__(self) -> None:
+        self._paths: Dict[str, str] = {}
+
+    # --- plumbing ----------------------------------------------------------
+
+    def _tool(self, name: str) -> str:
+        if name not in self._paths:
+            self._paths[name] = find_tool(name)
+        return self._paths[name]
+
+    def _restore(self, family: int, batch: str) -> None:
+        tool = self._tool(self.restore_tools[family])
+        try:
+            p = subprocess.run([tool, "--noflush", "-w"], input=batch, capture_output=True,
+                               text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise FirewallError(f"{tool}: {e}") from None
+        if p.returncode != 0:
+            msg = " ".join((p.stderr or p.stdout).split())
+            raise FirewallError(f"{os.path.basename(tool)} failed: {msg}")
+
+    def _save(self, family: int) -> str:
+        tool = self._tool(self.save_tools[family])
+        try:
+            p = subprocess.run([tool], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise FirewallError(f"{tool}: {e}") from None
+        if p.returncode != 0:
+            raise FirewallError(f"{os.path.basename(tool)} failed: {p.stderr.strip()}")
+        return p.stdout
+
+    def _state(self, family: int) -> ir.FamilyState:
+        return ir.family_state(family, ir.parse_save(self._save(family)))
+
+    @staticmethod
+    def _batch(sections: Dict[str, List[str]]) -> str:
+        out: List[str] = []
+        for table in ir.TABLES:
+            lines = sections.get(table)
+            if lines:
+                out.append(f"*{table}")
+                out += lines
+                out.append("COMMIT")
+        return "\n".join(out) + "\n"
+
+    # --- Backend -----------------------------------------------------------
+
+    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
+        check_key(key, forwards)
+        try:
+            new = ir.render(forwards)
+        except ValueError as e:
+            raise FirewallError(f"cannot render forwards of {key}: {e}") from None
+        if not new:
+            self.remove(key, previous)
+            return []
+        record = [r.canonical for r in new]
+        if previous is not None:
+            try:
+                self._apply_fast(previous, record)
+                return record
+            except FirewallError:
+                pass  # the firewall no longer matches the record: list and replace
+        self._apply_slow(key, record)
+        return record
+
+    def _apply_fast(self, previous: Iterable[str], record: List[str]) -> None:
+        old_by, new_by = ir.by_family(previous), ir.by_family(record)
+        for fam in sorted(set(old_by) | set(new_by)):
+            old, new = old_by.get(fam, []), new_by.get(fam, [])
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            if new:
+                # Re-seat our jumps: deleting one that is missing fails the
+                # batch, which is how a vanished base sends us to the slow path.
+                for j in ir.base_jumps(fam):
+                    sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
+            self._diff_lines(sections, old, new)
+            self._restore(fam, self._batch(sections))
+
+    @staticmethod
+    def _diff_lines(sections: Dict[str, List[str]], old: List[str], new: List[str]) -> None:
+        old_set, new_set = set(old), set(new)
+        for r in old:
+            if r not in new_set:
+                _, table, chain, spec = ir.split_canonical(r)
+                sections.setdefault(table, []).append(f"-D {chain} {spec}")
+        for r in new:
+            if r not in old_set:
+                _, table, chain, spec = ir.split_canonical(r)
+                sections.setdefault(table, []).append(f"-A {chain} {spec}")
+
+    def _apply_slow(self, key: str, record: List[str]) -> None:
+        new_by = ir.by_family(record)
+        for fam in ir.FAMILIES:
+            new = new_by.get(fam, [])
+            try:
+                st = self._state(fam)
+            except FirewallError:
+                if new:
+                    raise
+                continue
+            old = st.guests.get(key, [])
+            if not old and not new:
+                continue
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            if new:
+                self._base_lines(fam, st, sections)
+            self._diff_lines(sections, old, new)
+            self._restore(fam, self._batch(sections))
+
+    def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> None:
+        """Lines that make chains exist and every jump exist once, first."""
+        for table, chains in ir.OUR_CHAINS.items():
+            have = st.chains.get(table, set())
+            sections[table] += [f":{c} - [0:0]" for c in chains if c not in have]
+        for j in ir.base_jumps(fam):
+            for spec in st.jumps.get((j.table, j.chain), []):
+                sections[j.table].append(f"-D {j.chain} {spec}")
+            sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
+
+    def remove(self, key: str, previous: Optional[List[str]]) -> None:
+        if previous == []:
+            return
+        families = set(ir.by_family(previous or []))
+        done = False
+        if previous:
+            try:
+                for fam, old in sorted(ir.by_family(previous).items()):
+                    sections: Dict[str, List[str]] = {}
+                    self._diff_lines(sections, old, [])
+                    self._restore(fam, self._batch(sections))
+                done = True
+            except FirewallError:
+                pass
+        if not done:
+            families = set()
+            for fam in ir.FAMILIES:
+                try:
+                    st = self._state(fam)
+                except FirewallError:
+                    continue
+                old = st.guests.get(key, [])
+                if old:
+                    families.add(fam)
+                    sections = {}
+                    self._diff_lines(sections, old, [])
+                    self._restore(fam, self._batch(sections))
+        for fam in sorted(families):
+            self._teardown_if_empty(fam)
+
+    def _teardown_if_empty(self, fam: int) -> None:
+        """Drop our chains and jumps once no guest has rules left.
+
+        Deleting a non-empty chain fails, and so does the whole table
+        section with it, so this one batch is its own emptiness test: with
+        other guests still forwarding it changes nothing.
+        """
+        sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+        for j in ir.base_jumps(fam):
+            sections[j.table].append(f"-D {j.chain} {j.spec}")
+        for table, chains in ir.OUR_CHAINS.items():
+            sections[table] += [f"-X {c}" for c in chains]
+        try:
+            self._restore(fam, self._batch(sections))
+        except FirewallError:
+            pass
+
+    def snapshot(self) -> Snapshot:
+        states = []
+        for fam in ir.FAMILIES:
+            try:
+                states.append(self._state(fam))
+            except FirewallError:
+                if fam == 4:
+                    raise
+        return ir.snapshot_from(states)
+
+    def flush(self) -> None:
+        for fam in ir.FAMILIES:
+            try:
+                st = self._state(fam)
+            except FirewallError:
+                if fam == 4:
+                    raise
+                continue
+            if not st.present:
+                continue
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            for (table, chain), specs in st.jumps.items():
+                sections[table] += [f"-D {chain} {s}" for s in specs]
+            for table, chains in st.chains.items():
+                sections[table] += [f"-F {c}" for c in sorted(chains)]
+                sections[table] += [f"-X {c}" for c in sorted(chains)]
+            self._restore(fam, self._batch(sections))
+
+    def ensure_base(self) -> None:
+        for fam in ir.FAMILIES:
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            for j in ir.base_jumps(fam):
+                sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
+            try:
+                self._restore(fam, self._batch(sections))
+                continue
+            except FirewallError:
+                pass  # some part of the base is missing: look before fixing
+            try:
+                st = self._state(fam)
+            except FirewallError:
+                if fam == 4:
+                    raise
+                continue
+            if not st.present:
+                continue  # nothing of ours here; apply() creates the base
+            sections = {"nat": [], "filter": []}
+            self._base_lines(fam, st, sections)
+            self._restore(fam, self._batch(sections))

@@ -1,0 +1,355 @@
+"""iptables rules as data, shared by the nft and legacy iptables flavours.
+
+Both flavours install the same rules; only the transport differs (a
+restore batch for iptables-nft, libiptc commits for legacy). Rendering
+once, as data, keeps them identical and lets each flavour print or build
+them its own way.
+
+The text form of a rule is exactly what `iptables-save` prints back
+(`-d 192.0.2.10/32`, quoted comments, `--dport 30000:30009`). That is the
+canonical form stored in records and reported by snapshots, so a record
+and a listing of the firewall compare equal as plain string sets.
+
+A canonical rule string is "<family> <table> -A <chain> <spec>", e.g.
+`4 nat -A VNETHOOK-DNAT -d 198.51.100.1/32 -p tcp -m tcp --dport 8080 ...`.
+
+Only stdlib here: the hook path imports this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from vnethook.firewall.base import TAG
+from vnethook.model import Forward
+
+CHAIN_DNAT = "VNETHOOK-DNAT"
+CHAIN_SNAT = "VNETHOOK-SNAT"
+CHAIN_FWD = "VNETHOOK-FWD"
+OUR_CHAINS = {"nat": (CHAIN_DNAT, CHAIN_SNAT), "filter": (CHAIN_FWD,)}
+TABLES = ("nat", "filter")  # order of commits: see apply() in the backends
+FAMILIES = (4, 6)
+
+LOOPBACK_NET = {4: "127.0.0.0/8", 6: "::1/128"}
+
+_COMMENT_RE = re.compile(r'-m comment --comment "?' + TAG + r':([A-Za-z0-9_.-]+)"?')
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One iptables rule, in the order `iptables-save` prints its parts."""
+
+    family: int
+    table: str
+    chain: str
+    target: str
+    src: Optional[str] = None
+    dst: Optional[str] = None
+    dst_negated: bool = False
+    protocol: Optional[str] = None
+    dport: Optional[str] = None  # "80" or "30000:30009"
+    addrtype_local: bool = False  # -m addrtype --dst-type LOCAL
+    ctstate: Optional[str] = None
+    comment: Optional[str] = None
+    to_destination: Optional[str] = None
+
+    @property
+    def spec(self) -> str:
+        parts: List[str] = []
+        if self.src:
+            parts += ["-s", self.src]
+        if self.dst:
+            if self.dst_negated:
+                parts.append("!")
+            parts += ["-d", self.dst]
+        if self.protocol:
+            parts += ["-p", self.protocol]
+            if self.dport:
+                parts += ["-m", self.protocol, "--dport", self.dport]
+        if self.addrtype_local:
+            parts += ["-m", "addrtype", "--dst-type", "LOCAL"]
+        if self.ctstate:
+            parts += ["-m", "conntrack", "--ctstate", self.ctstate]
+        if self.comment:
+            parts += ["-m", "comment", "--comment", f'"{self.comment}"']
+        parts += ["-j", self.target]
+        if self.to_destination:
+            parts += ["--to-destination", self.to_destination]
+        return " ".join(parts)
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.family} {self.table} -A {self.chain} {self.spec}"
+
+
+def split_canonical(rule: str) -> Tuple[int, str, str, str]:
+    """'4 nat -A CHAIN spec' -> (4, 'nat', 'CHAIN', 'spec')."""
+    family, table, dash_a, chain, spec = rule.split(" ", 4)
+    if dash_a != "-A":
+        raise ValueError(f"not a canonical rule: {rule!r}")
+    return int(family), table, chain, spec
+
+
+def key_of(spec: str) -> Optional[str]:
+    """The guest key a rule is tagged with, or None for untagged rules."""
+    m = _COMMENT_RE.search(spec)
+    return m.group(1) if m else None
+
+
+def _host(addr: str, family: int) -> str:
+    return f"{ipaddress.ip_address(addr).compressed}/{32 if family == 4 else 128}"
+
+
+def _net(cidr: str) -> str:
+    return ipaddress.ip_network(cidr, strict=False).compressed
+
+
+def _ports(lo: int, hi: int, sep: str = ":") -> str:
+    return str(lo) if lo == hi else f"{lo}{sep}{hi}"
+
+
+def _to_destination(fw: Forward) -> str:
+    addr = ipaddress.ip_address(fw.guest_address).compressed
+    if fw.family == 6:
+        addr = f"[{addr}]"
+    glo, ghi = fw.guest_ports
+    if glo == ghi:
+        return f"{addr}:{glo}"
+    # Shifted range (xt_nat revision 2): host port base+i -> guest glo+i.
+    return f"{addr}:{glo}-{ghi}/{fw.host_ports[0]}"
+
+
+def render_forward(fw: Forward) -> List[Rule]:
+    """The DNAT, filter-accept and masquerade rules of one forward."""
+    fam = fw.family
+    tag = f"{TAG}:{fw.key}"
+    proto = fw.protocol
+    hport = _ports(*fw.host_ports)
+    gport = _ports(*fw.guest_ports)
+    guest = _host(fw.guest_address, fam)
+    rules: List[Rule] = []
+
+    if fw.host_address is None:
+        dst, neg = LOOPBACK_NET[fam], True
+    else:
+        dst, neg = _host(fw.host_address, fam), False
+    if fw.sources:
+        sources: Sequence[Optional[str]] = [_net(s) for s in fw.sources]
+    elif fw.is_loopback:
+        # Only host-originated traffic may use a loopback forward. A packet
+        # from outside addressed to 127.x would otherwise be DNATed in
+        # PREROUTING before the martian check ever sees it.
+        sources = [LOOPBACK_NET[fam]]
+    else:
+        sources = [None]
+    for src in sources:
+        rules.append(Rule(fam, "nat", CHAIN_DNAT, "DNAT", src=src, dst=dst, dst_negated=neg,
+                          protocol=proto, dport=hport, comment=tag,
+                          to_destination=_to_destination(fw)))
+
+    rules.append(Rule(fam, "filter", CHAIN_FWD, "ACCEPT", dst=guest, protocol=proto,
+                      dport=gport, ctstate="DNAT", comment=tag))
+
+    # Hairpin: a guest on the same network reaching the forward must see
+    # replies come back through the host, so hide its address.
+    rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=_net(fw.subnet), dst=guest,
+                      protocol=proto, dport=gport, ctstate="DNAT", comment=tag))
+    if fw.is_loopback and fam == 4:
+        # A 127.x source cannot leave the host: rewrite it to the bridge's.
+        rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=LOOPBACK_NET[4], dst=guest,
+                          protocol=proto, dport=gport, ctstate="DNAT", comment=tag))
+    return rules
+
+
+def render(forwards: Iterable[Forward]) -> List[Rule]:
+    """All rules of a guest's forwards, deduplicated, in a stable order."""
+    out: List[Rule] = []
+    seen: Set[Rule] = set()
+    for fw in forwards:
+        for r in render_forward(fw):
+            if r not in seen:
+                seen.add(r)
+                out.append(r)
+    return out
+
+
+def base_jumps(family: int) -> List[Rule]:
+    """The jumps from builtin chains into ours; each must exist exactly once.
+
+    FORWARD's jump must be first, ahead of libvirt's (and Docker's) jumps
+    to their rejecting chains. The nat jumps go first too, so that a
+    forward wins over another tool's DNAT of the same port.
+    """
+    return [
+        Rule(family, "nat", "PREROUTING", CHAIN_DNAT, addrtype_local=True),
+        Rule(family, "nat", "OUTPUT", CHAIN_DNAT, addrtype_local=True),
+        Rule(family, "nat", "POSTROUTING", CHAIN_SNAT),
+        Rule(family, "filter", "FORWARD", CHAIN_FWD),
+    ]
+
+
+# --- reading iptables-save output -------------------------------------------
+
+
+@dataclass
+class SavedTable:
+    chains: Set[str]
+    rules: List[Tuple[str, str]]  # (chain, spec) in listed order
+
+
+def parse_save(text: str) -> Dict[str, SavedTable]:
+    """Parse `iptables-save` output into tables of chains and rule specs."""
+    tables: Dict[str, SavedTable] = {}
+    cur: Optional[SavedTable] = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), SavedTable(set(), []))
+        elif cur is None or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            cur.chains.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A "):
+            chain, _, spec = line[3:].partition(" ")
+            cur.rules.append((chain, spec))
+    return tables
+
+
+@dataclass
+class FamilyState:
+    """What one family's listing says about vnethook's rules and base."""
+
+    family: int
+    chains: Dict[str, Set[str]]  # table -> our chains that exist
+    guests: Dict[str, List[str]]  # key -> canonical rules (listed order)
+    untagged: List[str]  # canonical rules in our chains without a tag
+    jumps: Dict[Tuple[str, str], List[str]]  # (table, builtin chain) -> our jump specs
+    first_forward: Optional[str]  # spec of the first rule in filter FORWARD
+
+    @property
+    def present(self) -> bool:
+        return any(self.chains.values()) or any(self.jumps.values())
+
+    def problems(self) -> List[str]:
+        """Why the base is not as apply() leaves it; [] when absent or fine."""
+        if not self.present:
+            return []
+        out = []
+        for table, chains in OUR_CHAINS.items():
+            for c in chains:
+                if c not in self.chains.get(table, set()):
+                    out.append(f"ipv{self.family} {table}: chain {c} missing")
+        for j in base_jumps(self.family):
+            found = self.jumps.get((j.table, j.chain), [])
+            if j.spec not in found:
+                out.append(f"ipv{self.family} {j.table}: jump {j.chain} -> {j.target} missing")
+            elif len(found) > 1:
+                out.append(f"ipv{self.family} {j.table}: {len(found)} jumps {j.chain} -> {j.target}")
+        if self.jumps.get(("filter", "FORWARD")) and self.first_forward != base_jumps(self.family)[3].spec:
+            out.append(f"ipv{self.family} filter: FORWARD jump to {CHAIN_FWD} is not first "
+                       f"(first is {self.first_forward!r})")
+        return out
+
+
+def family_state(family: int, tables: Dict[str, SavedTable]) -> FamilyState:
+    ours = {c for cs in OUR_CHAINS.values() for c in cs}
+    st = FamilyState(family, {}, {}, [], {}, None)
+    for table in TABLES:
+        t = tables.get(table)
+        if t is None:
+            continue
+        st.chains[table] = t.chains & set(OUR_CHAINS[table])
+        for chain, spec in t.rules:
+            if table == "filter" and chain == "FORWARD" and st.first_forward is None:
+                st.first_forward = spec
+            if chain in ours:
+                canon = f"{family} {table} -A {chain} {spec}"
+                k = key_of(spec)
+                if k is None:
+                    st.untagged.append(canon)
+                else:
+                    st.guests.setdefault(k, []).append(canon)
+            elif re.search(r"(^| )-j (" + "|".join(OUR_CHAINS[table]) + r")$", spec):
+                st.jumps.setdefault((table, chain), []).append(spec)
+    return st
+
+
+def parse_rule(canonical: str) -> Rule:
+    """Inverse of Rule.canonical, for records this module rendered.
+
+    The legacy flavour needs rule objects to delete by exact spec; records
+    only hold text. Anything this module did not render raises ValueError,
+    which sends the caller to the slow (listing) path.
+    """
+    family, table, chain, spec = split_canonical(canonical)
+    toks = spec.replace('"', "").split(" ")
+    kw: dict = {}
+    i, neg = 0, False
+    try:
+        while i < len(toks):
+            t = toks[i]
+            if t == "!":
+                neg = True
+                i += 1
+                continue
+            if t == "-s":
+                kw["src"] = toks[i + 1]
+                i += 2
+            elif t == "-d":
+                kw["dst"], kw["dst_negated"] = toks[i + 1], neg
+                i += 2
+            elif t == "-p":
+                kw["protocol"] = toks[i + 1]
+                i += 2
+            elif t == "-m":
+                mod = toks[i + 1]
+                opt, val = toks[i + 2], toks[i + 3]
+                if mod == kw.get("protocol") and opt == "--dport":
+                    kw["dport"] = val
+                elif mod == "addrtype" and opt == "--dst-type" and val == "LOCAL":
+                    kw["addrtype_local"] = True
+                elif mod == "conntrack" and opt == "--ctstate":
+                    kw["ctstate"] = val
+                elif mod == "comment" and opt == "--comment":
+                    kw["comment"] = val
+                else:
+                    raise ValueError(mod)
+                i += 4
+            elif t == "-j":
+                kw["target"] = toks[i + 1]
+                i += 2
+            elif t == "--to-destination":
+                kw["to_destination"] = toks[i + 1]
+                i += 2
+            else:
+                raise ValueError(t)
+            neg = False
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"cannot parse rule {canonical!r}: {e}") from None
+    rule = Rule(family, table, chain, **kw)
+    if rule.canonical != canonical:
+        raise ValueError(f"rule does not round-trip: {canonical!r}")
+    return rule
+
+
+def snapshot_from(states: Iterable[FamilyState]):
+    """Build the engine's Snapshot from per-family listings."""
+    from vnethook.firewall.base import Snapshot
+
+    snap = Snapshot()
+    for st in states:
+        for k, rules in st.guests.items():
+            snap.guests.setdefault(k, set()).update(rules)
+        snap.problems += st.problems()
+        snap.problems += [f"untagged rule in a vnethook chain: {r}" for r in st.untagged]
+    snap.base_ok = not snap.problems
+    return snap
+
+
+def by_family(rules: Iterable[str]) -> Dict[int, List[str]]:
+    out: Dict[int, List[str]] = {}
+    for r in rules:
+        out.setdefault(int(r.split(" ", 1)[0]), []).append(r)
+    return out
