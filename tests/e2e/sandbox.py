@@ -688,6 +688,8 @@ class Sandbox:
         ET.SubElement(root, "vcpu").text = "1"
         os_el = ET.SubElement(root, "os")
         ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+        features = ET.SubElement(root, "features")  # ACPI: i440fx PCI hotplug needs it
+        ET.SubElement(features, "acpi")
         devices = ET.SubElement(root, "devices")
         for mac, net in [(m, network) for m in macs] + list(interfaces):
             devices.append(interface_xml(mac, net))
