@@ -12,9 +12,12 @@ export DEBIAN_FRONTEND=noninteractive
 CODENAME="${VERSION_CODENAME:-}"
 
 BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptables python3-systemd
-      python3-pytest python3-hypothesis python3-venv python3-pip busybox iproute2 procps
-      dnsmasq-base qemu-system-x86 kmod
-      dpkg-dev debhelper dh-python python3-all python3-setuptools lintian rpm systemd fakeroot)
+      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod)
+# `--runtime`: just enough for ./try-it; otherwise also the test and packaging tools.
+if [ "${1:-}" != "--runtime" ]; then
+    BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
+           dpkg-dev debhelper dh-python python3-all python3-setuptools lintian rpm systemd fakeroot)
+fi
 LIBVIRT=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network)
 
 missing=()
