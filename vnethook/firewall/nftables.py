@@ -1,0 +1,826 @@
+"""nftables backend, for libvirt's nftables firewall (libvirt >= 10.4).
+
+Why this shape:
+
+- One table of our own, ``inet vnethook``, holds every DNAT as an *element*
+  of a few maps, not as rules. Adding or removing a guest is then one
+  transaction of element additions/deletions whose cost does not depend on
+  how many other guests exist, and a packet costs one map lookup per rule
+  (only the first packet of a connection: nat chains see nothing else).
+- Offset mapping of port ranges (host 30000+i -> guest 40000+i) cannot be
+  computed by nftables, so a range is one element per port.
+- Each element carries the comment ``vnethook:<guest key>``. That comment
+  is how the slow path finds a guest's elements without a record.
+- Maps, most specific first (per family, 4 and 6):
+    ``fwd4_host_src``  daddr . saddr . proto . port  (interval: sources)
+    ``fwd4_host``      daddr . proto . port          (hash)
+    ``fwd4_any_src``   saddr . proto . port          (interval: sources)
+    ``fwd4_any``       proto . port                  (hash)
+  ``host`` maps hold forwards bound to one host address, ``any`` maps hold
+  forwards for any local non-loopback address. Splitting them (instead of
+  encoding "any" as an address interval) keeps the common case in cheap
+  hash maps, and lets two forwards share a port on different addresses, or
+  an address-bound forward coexist with a wildcard one (the bound one
+  wins). Interval ("pipapo") maps are only used when ``sources`` restrict
+  a forward, because their updates cost O(size of the map).
+- DNATed connections get ct mark bit ``MARK`` (0x02000000), set with
+  ``ct mark set ct mark | MARK`` so other users' bits survive. libvirt's
+  ``forward`` chain (``ip``/``ip6 libvirt_network``) rejects new
+  connections to its guests, and an accept in our own table cannot undo a
+  reject in another table's base chain. So we keep exactly one rule, with
+  comment ``vnethook``, at the top of libvirt's chain: ``ct mark & MARK ==
+  MARK accept``. libvirt reloads keep it in place (it re-inserts its rules
+  in its sub-chains, never at the top of ``forward``); a libvirt restart or
+  reload can only make it go missing, which apply()/ensure_base() repair.
+- Hairpin (guest -> host address -> guest on the same subnet) and host
+  loopback connections are masqueraded, so replies come back through the
+  host. Which sources are "on the guest subnet" is the set
+  ``hairpin4``/``hairpin6`` of ``subnet . guest address`` elements, owned
+  per guest like the DNAT elements.
+- Base chains and their few rules are flushed and re-added inside every
+  transaction: ``add table/chain/map`` are idempotent, ``flush chain`` +
+  ``add rule`` makes the rules idempotent without listing anything.
+
+The ``nftables`` binding is imported lazily: the hook's fast paths never
+pay for it unless this backend is in use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
+from vnethook.model import PROTOCOLS, Forward
+
+FAMILY = "inet"
+TABLE = "vnethook"
+MARK = 0x02000000  # ct mark bit of connections DNATed by vnethook
+LIBVIRT_TABLE = "libvirt_network"
+LIBVIRT_CHAIN = "forward"
+LIBVIRT_FAMILIES = ("ip", "ip6")
+COMMENT_PREFIX = f"{TAG}:"
+
+_PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
+_NAT_PRIO_DST = -100
+_NAT_PRIO_SRC = 100
+
+
+# --------------------------------------------------------------------------
+# The maps and sets, and what one element of each means.
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One DNAT map: which packet fields form its key."""
+
+    family: int  # 4 | 6
+    host: bool  # key starts with the destination (host) address
+    sourced: bool  # key has the source address (interval)
+
+    @property
+    def name(self) -> str:
+        return f"fwd{self.family}_{'host' if self.host else 'any'}{'_src' if self.sourced else ''}"
+
+    @property
+    def addr_type(self) -> str:
+        return "ipv4_addr" if self.family == 4 else "ipv6_addr"
+
+    @property
+    def proto(self) -> str:
+        return "ip" if self.family == 4 else "ip6"
+
+    def key_types(self) -> List[str]:
+        t: List[str] = []
+        if self.host:
+            t.append(self.addr_type)
+        if self.sourced:
+            t.append(self.addr_type)
+        return t + ["inet_proto", "inet_service"]
+
+    def key_expr(self) -> dict:
+        parts = []
+        if self.host:
+            parts.append(_payload(self.proto, "daddr"))
+        if self.sourced:
+            parts.append(_payload(self.proto, "saddr"))
+        parts += [{"meta": {"key": "l4proto"}}, _payload("th", "dport")]
+        return {"concat": parts}
+
+
+# Order matters: the translate chain tries the most specific map first.
+MAPS: Tuple[MapSpec, ...] = tuple(
+    MapSpec(fam, host, sourced)
+    for fam in (4, 6)
+    for host, sourced in ((True, True), (True, False), (False, True), (False, False))
+)
+_MAPS_BY_NAME = {m.name: m for m in MAPS}
+HAIRPIN_SETS = {4: "hairpin4", 6: "hairpin6"}
+_HAIRPIN_FAMILY = {v: k for k, v in HAIRPIN_SETS.items()}
+
+CHAINS = (
+    # name, (type, hook, priority) or None for a regular chain
+    ("prerouting", ("nat", "prerouting", _NAT_PRIO_DST)),
+    ("output", ("nat", "output", _NAT_PRIO_DST)),
+    ("translate", None),
+    ("postrouting", ("nat", "postrouting", _NAT_PRIO_SRC)),
+)
+
+
+@dataclass(frozen=True)
+class FwdElem:
+    """One port of one forward: one element of one DNAT map."""
+
+    family: int
+    protocol: str
+    host: Optional[str]  # None = any local non-loopback address
+    host_port: int
+    source: Optional[str]  # CIDR (with prefix length) or None = anyone
+    guest: str
+    guest_port: int
+
+    @property
+    def map(self) -> MapSpec:
+        return MapSpec(self.family, self.host is not None, self.source is not None)
+
+    @property
+    def set_name(self) -> str:
+        return self.map.name
+
+    def canonical(self) -> str:
+        if self.host is None:
+            host = "*" if self.family == 4 else "[*]"
+        else:
+            host = _bracket(self.host, self.family)
+        src = f" from {self.source}" if self.source else ""
+        return (
+            f"{self.protocol} {host}:{self.host_port}{src} -> "
+            f"{_bracket(self.guest, self.family)}:{self.guest_port}"
+        )
+
+    def key_json(self) -> dict:
+        parts: List[Any] = []
+        if self.host is not None:
+            parts.append(self.host)
+        if self.source is not None:
+            parts.append(_prefix_json(self.source))
+        parts += [self.protocol, self.host_port]
+        return {"concat": parts}
+
+    def data_json(self) -> dict:
+        return {"concat": [self.guest, self.guest_port]}
+
+
+@dataclass(frozen=True)
+class HairpinElem:
+    """Connections from `subnet` DNATed to `guest` need masquerading."""
+
+    family: int
+    subnet: str  # CIDR with prefix length
+    guest: str
+
+    @property
+    def set_name(self) -> str:
+        return HAIRPIN_SETS[self.family]
+
+    def canonical(self) -> str:
+        return f"masquerade {self.subnet} -> {_bracket(self.guest, self.family)}"
+
+    def key_json(self) -> dict:
+        return {"concat": [_prefix_json(self.subnet), self.guest]}
+
+    def data_json(self) -> None:
+        return None
+
+
+Elem = Any  # FwdElem | HairpinElem
+
+
+def _bracket(addr: str, family: int) -> str:
+    return f"[{addr}]" if family == 6 else addr
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _prefix_json(cidr: str) -> dict:
+    net = ipaddress.ip_network(cidr, strict=False)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _addr(text: str) -> str:
+    return ipaddress.ip_address(text).compressed
+
+
+def _net(text: str) -> str:
+    return ipaddress.ip_network(text, strict=False).with_prefixlen
+
+
+# --------------------------------------------------------------------------
+# Pure rendering: forwards -> elements -> JSON commands; record <-> elements.
+
+
+def render_elements(forwards: Sequence[Forward]) -> Dict[str, Elem]:
+    """Every element the forwards need, keyed by canonical string."""
+    out: Dict[str, Elem] = {}
+    for f in forwards:
+        for e in _forward_elements(f):
+            out[e.canonical()] = e
+    return out
+
+
+def _forward_elements(f: Forward) -> List[Elem]:
+    where = f"{f.origin}: " if f.origin else ""
+    try:
+        if f.family not in (4, 6):
+            raise ValueError(f"family {f.family!r}")
+        if f.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {f.protocol!r}")
+        guest = ipaddress.ip_address(f.guest_address)
+        if guest.version != f.family:
+            raise ValueError(f"guest address {f.guest_address} is not IPv{f.family}")
+        host = None
+        if f.host_address is not None:
+            h = ipaddress.ip_address(f.host_address)
+            if h.version != f.family:
+                raise ValueError(f"host address {f.host_address} is not IPv{f.family}")
+            host = h.compressed
+        hlo, hhi = f.host_ports
+        glo, ghi = f.guest_ports
+        if not (0 < hlo <= hhi <= 65535 and 0 < glo <= ghi <= 65535) or hhi - hlo != ghi - glo:
+            raise ValueError(f"port ranges {hlo}-{hhi} -> {glo}-{ghi}")
+        subnet = ipaddress.ip_network(f.subnet, strict=False)
+        if subnet.version != f.family:
+            raise ValueError(f"subnet {f.subnet} is not IPv{f.family}")
+        nets = [ipaddress.ip_network(s, strict=False) for s in f.sources]
+    except ValueError as exc:
+        raise FirewallError(f"{where}cannot render forward {f.describe()}: {exc}") from None
+    sources: List[Optional[str]]
+    if nets:
+        # Sources of the other family restrict nothing in this family; if
+        # none is left, the forward must match nobody rather than everybody.
+        sources = [n.with_prefixlen for n in nets if n.version == f.family]
+    else:
+        sources = [None]
+    out: List[Elem] = []
+    for src in sources:
+        for i in range(hhi - hlo + 1):
+            out.append(FwdElem(f.family, f.protocol, host, hlo + i, src, guest.compressed, glo + i))
+    out.append(HairpinElem(f.family, subnet.with_prefixlen, guest.compressed))
+    return out
+
+
+_FWD_RE = re.compile(
+    r"^(?P<proto>[a-z]+) (?P<host>\*|\[\*\]|\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<hport>\d+)"
+    r"(?: from (?P<src>\S+))? -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<gport>\d+)$"
+)
+_HP_RE = re.compile(r"^masquerade (?P<subnet>\S+) -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+)$")
+
+
+def parse_canonical(text: str) -> Elem:
+    """Turn a record line back into the element it names (ValueError if not ours)."""
+    m = _FWD_RE.match(text)
+    if m:
+        host_s, guest_s = m["host"], m["guest"]
+        family = 6 if guest_s.startswith("[") else 4
+        if host_s in ("*", "[*]"):
+            host = None
+            if (host_s == "[*]") != (family == 6):
+                raise ValueError(f"mixed families in {text!r}")
+        else:
+            host = _addr(host_s.strip("[]"))
+        if m["proto"] not in PROTOCOLS:
+            raise ValueError(f"unknown protocol in {text!r}")
+        e: Elem = FwdElem(
+            family,
+            m["proto"],
+            host,
+            int(m["hport"]),
+            _net(m["src"]) if m["src"] else None,
+            _addr(guest_s.strip("[]")),
+            int(m["gport"]),
+        )
+    else:
+        m = _HP_RE.match(text)
+        if not m:
+            raise ValueError(f"not a vnethook nftables record line: {text!r}")
+        guest = ipaddress.ip_address(m["guest"].strip("[]"))
+        e = HairpinElem(guest.version, _net(m["subnet"]), guest.compressed)
+    if e.canonical() != text:
+        raise ValueError(f"non-canonical record line: {text!r}")
+    return e
+
+
+def element_json(e: Elem, key: Optional[str]) -> Any:
+    """The element as `add element` wants it (with comment) or `delete element` (key only)."""
+    val: Any = e.key_json()
+    if key is not None:
+        val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
+    data = e.data_json()
+    return [val, data] if (data is not None and key is not None) else val
+
+
+def element_commands(op: str, elems: Iterable[Elem], key: Optional[str] = None) -> List[dict]:
+    """One add/delete command per map, each carrying all its elements."""
+    by_set: Dict[str, List[Any]] = {}
+    for e in elems:
+        by_set.setdefault(e.set_name, []).append(element_json(e, key if op == "add" else None))
+    return [
+        {op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": items}}}
+        for name, items in sorted(by_set.items())
+    ]
+
+
+def _mark_match() -> dict:
+    return {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, MARK]}, "right": MARK}}
+
+
+def _mark_set() -> dict:
+    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, MARK]}}}
+
+
+def _loopback(family: int) -> Any:
+    return {"prefix": {"addr": "127.0.0.0", "len": 8}} if family == 4 else "::1"
+
+
+def _rule(chain: str, expr: List[dict]) -> dict:
+    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}}
+
+
+def base_rules() -> List[dict]:
+    """The fixed rules of our chains, in order."""
+    rules = [
+        _rule("prerouting", [{"jump": {"target": "translate"}}]),
+        _rule("output", [{"jump": {"target": "translate"}}]),
+        _rule(
+            "translate",
+            [
+                {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}},
+                {"return": None},
+            ],
+        ),
+    ]
+    for spec in MAPS:
+        expr: List[dict] = [
+            # Needed by nft before `th dport`; also skips other protocols early.
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": list(PROTOCOLS)}}}
+        ]
+        if not spec.host:
+            # "any host address" means non-loopback: 127.0.0.1 is opt-in.
+            expr.append(
+                {"match": {"op": "!=", "left": _payload(spec.proto, "daddr"), "right": _loopback(spec.family)}}
+            )
+        expr += [
+            {"match": {"op": "==", "left": spec.key_expr(), "right": "@" + spec.name}},
+            _mark_set(),
+            {"dnat": {"family": spec.proto, "addr": {"map": {"key": spec.key_expr(), "data": "@" + spec.name}}}},
+        ]
+        rules.append(_rule("translate", expr))
+    for fam in (4, 6):
+        proto = "ip" if fam == 4 else "ip6"
+        rules.append(
+            _rule(
+                "postrouting",
+                [
+                    _mark_match(),
+                    {"match": {"op": "==", "left": _payload(proto, "saddr"), "right": _loopback(fam)}},
+                    {"masquerade": None},
+                ],
+            )
+        )
+        rules.append(
+            _rule(
+                "postrouting",
+                [
+                    _mark_match(),
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"concat": [_payload(proto, "saddr"), _payload(proto, "daddr")]},
+                            "right": "@" + HAIRPIN_SETS[fam],
+                        }
+                    },
+                    {"masquerade": None},
+                ],
+            )
+        )
+    return rules
+
+
+def declarations() -> str:
+    """Our table, maps and sets, in nft's text syntax (idempotent `add`s).
+
+    Text, not JSON, because the JSON parser of nftables 1.0.x cannot
+    declare a map whose data is a concatenation (``ipv4_addr .
+    inet_service``): it rejects the string form and silently creates a
+    plain *set* from the array form, and a DNAT rule referring to that set
+    then crashes libnftables (seen with 1.0.6). Every name here is ours and
+    fixed, so nothing needs quoting.
+    """
+    lines = [f"add table {FAMILY} {TABLE}"]
+    for spec in MAPS:
+        flags = " flags interval;" if spec.sourced else ""
+        lines.append(
+            f"add map {FAMILY} {TABLE} {spec.name} {{ type {' . '.join(spec.key_types())} : "
+            f"{spec.addr_type} . inet_service;{flags} }}"
+        )
+    for fam, name in HAIRPIN_SETS.items():
+        t = "ipv4_addr" if fam == 4 else "ipv6_addr"
+        lines.append(f"add set {FAMILY} {TABLE} {name} {{ type {t} . {t}; flags interval; }}")
+    return "\n".join(lines) + "\n"
+
+
+def base_commands() -> List[dict]:
+    """Create (idempotently) the chains and reset their rules (maps: see declarations())."""
+    cmds: List[dict] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    for name, hook in CHAINS:
+        c: Dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name}
+        if hook:
+            c.update(type=hook[0], hook=hook[1], prio=hook[2], policy="accept")
+        cmds.append({"add": {"chain": c}})
+    for name, _hook in CHAINS:
+        cmds.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+    return cmds + base_rules()
+
+
+def accept_rule_expr() -> List[dict]:
+    return [_mark_match(), {"accept": None}]
+
+
+def is_current_accept(expr: Any) -> bool:
+    """Whether a listed rule is today's accept (tolerant of how nft renders it)."""
+    if not isinstance(expr, list) or len(expr) != 2 or expr[-1] != {"accept": None}:
+        return False
+    m = expr[0].get("match") if isinstance(expr[0], dict) else None
+    if not m or m.get("op") not in ("==", "in"):
+        return False
+    left = m.get("left")
+    return (
+        isinstance(left, dict)
+        and left.get("&") == [{"ct": {"key": "mark"}}, MARK]
+        and m.get("right") == MARK
+    )
+
+
+def libvirt_fix_commands(family: str, listing: Sequence[dict]) -> List[dict]:
+    """Commands that leave exactly one current accept at the top of libvirt's chain.
+
+    `listing` is the `list chain` output (with handles) of that chain; an
+    empty result means nothing to change.
+    """
+    rules = [o["rule"] for o in listing if "rule" in o]
+    ours = [r for r in rules if r.get("comment") == TAG]
+    keep = None
+    if ours and rules[0] is ours[0] and is_current_accept(ours[0].get("expr")):
+        keep = ours[0]
+    cmds: List[dict] = []
+    for r in ours:
+        if r is not keep:
+            cmds.append(
+                {
+                    "delete": {
+                        "rule": {
+                            "family": family,
+                            "table": LIBVIRT_TABLE,
+                            "chain": LIBVIRT_CHAIN,
+                            "handle": r["handle"],
+                        }
+                    }
+                }
+            )
+    if keep is None:
+        cmds.append(
+            {
+                "insert": {
+                    "rule": {
+                        "family": family,
+                        "table": LIBVIRT_TABLE,
+                        "chain": LIBVIRT_CHAIN,
+                        "expr": accept_rule_expr(),
+                        "comment": TAG,
+                    }
+                }
+            }
+        )
+    return cmds
+
+
+# --------------------------------------------------------------------------
+# Reading elements back from a listing.
+
+
+def _listed_addr(v: Any) -> str:
+    if isinstance(v, str):
+        return _addr(v)
+    raise ValueError(f"unexpected address {v!r}")
+
+
+def _listed_net(v: Any) -> str:
+    if isinstance(v, str):
+        return _net(v)
+    if isinstance(v, dict) and "prefix" in v:
+        p = v["prefix"]
+        return _net(f"{p['addr']}/{p['len']}")
+    if isinstance(v, dict) and "range" in v:
+        lo, hi = (ipaddress.ip_address(x) for x in v["range"])
+        nets = list(ipaddress.summarize_address_range(lo, hi))
+        if len(nets) == 1:
+            return nets[0].with_prefixlen
+    raise ValueError(f"unexpected network {v!r}")
+
+
+def _listed_proto(v: Any) -> str:
+    if isinstance(v, int):
+        v = _PROTO_NUMBERS.get(v, str(v))
+    if v not in PROTOCOLS:
+        raise ValueError(f"unexpected protocol {v!r}")
+    return v
+
+
+def _listed_port(v: Any) -> int:
+    if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
+        return int(v)
+    raise ValueError(f"unexpected port {v!r}")
+
+
+def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]]:
+    """One listed element of one of our maps/sets -> (element, owner key or None)."""
+    if set_name in _MAPS_BY_NAME:
+        val, data = entry
+    else:
+        val, data = entry, None
+    comment = None
+    if isinstance(val, dict) and "elem" in val:
+        comment = val["elem"].get("comment")
+        val = val["elem"]["val"]
+    parts = val["concat"] if isinstance(val, dict) and "concat" in val else [val]
+    key = comment[len(COMMENT_PREFIX) :] if isinstance(comment, str) and comment.startswith(COMMENT_PREFIX) else None
+    if set_name in _HAIRPIN_FAMILY:
+        subnet, guest = parts
+        return HairpinElem(_HAIRPIN_FAMILY[set_name], _listed_net(subnet), _listed_addr(guest)), key
+    spec = _MAPS_BY_NAME[set_name]
+    parts = list(parts)
+    host = _listed_addr(parts.pop(0)) if spec.host else None
+    src = _listed_net(parts.pop(0)) if spec.sourced else None
+    proto, port = parts
+    gparts = data["concat"] if isinstance(data, dict) else data
+    guest, gport = gparts
+    e = FwdElem(
+        spec.family,
+        _listed_proto(proto),
+        host,
+        _listed_port(port),
+        src,
+        _listed_addr(guest),
+        _listed_port(gport),
+    )
+    return e, key
+
+
+def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
+    """(set name, raw element) for every element of our maps/sets in a table listing."""
+    for o in listing:
+        s = o.get("map") or o.get("set")
+        if not s or s.get("table") != TABLE or s.get("family") != FAMILY:
+            continue
+        name = s.get("name")
+        if name not in _MAPS_BY_NAME and name not in _HAIRPIN_FAMILY:
+            continue
+        for entry in s.get("elem") or ():
+            yield name, entry
+
+
+# --------------------------------------------------------------------------
+
+
+class NftablesBackend(Backend):
+    """Forwards as map elements in table inet vnethook (see module docstring)."""
+
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self._ctx = None
+
+    # -- libnftables plumbing
+
+    def _nft(self):
+        if self._ctx is None:
+            try:
+                import nftables  # noqa: PLC0415 - lazy on purpose
+            except ImportError as exc:  # pragma: no cover - depends on the host
+                raise FirewallError(
+                    "the nftables backend needs the nftables Python binding "
+                    "(Debian: python3-nftables) under the system Python"
+                ) from exc
+            ctx = nftables.Nftables()
+            ctx.set_handle_output(True)
+            self._ctx = ctx
+        return self._ctx
+
+    def _run(self, cmds: List[dict]) -> Tuple[int, Any, str]:
+        if not cmds:
+            return 0, None, ""
+        rc, out, err = self._nft().json_cmd({"nftables": cmds})
+        return rc, out, err or ""
+
+    def _transaction(self, cmds: List[dict]) -> Optional[str]:
+        """Run one atomic batch; the error text, or None on success."""
+        rc, _out, err = self._run(cmds)
+        return None if rc == 0 else (err.strip() or f"nft returned {rc}")
+
+    def _write(self, cmds: List[dict]) -> Optional[str]:
+        """Declare our maps, then run `cmds` (which may use them) as one batch."""
+        rc, _out, err = self._nft().cmd(declarations())
+        if rc != 0:
+            # Never go on: a rule naming a map that is not ours-as-declared
+            # can crash libnftables 1.0.x.
+            return f"cannot declare table {FAMILY} {TABLE} (run `vnethook flush`?): {(err or '').strip()}"
+        return self._transaction(cmds)
+
+    def _list(self, obj: dict) -> Optional[List[dict]]:
+        """A listing's objects, or None if the object does not exist."""
+        rc, out, _err = self._run([{"list": obj}])
+        if rc != 0 or not isinstance(out, dict):
+            return None
+        return [o for o in out.get("nftables", []) if "metainfo" not in o]
+
+    def _list_table(self) -> Optional[List[dict]]:
+        return self._list({"table": {"family": FAMILY, "name": TABLE}})
+
+    def _list_libvirt_chain(self, family: str) -> Optional[List[dict]]:
+        return self._list({"chain": {"family": family, "table": LIBVIRT_TABLE, "name": LIBVIRT_CHAIN}})
+
+    def _libvirt_fixes(self) -> Tuple[List[dict], List[str]]:
+        cmds: List[dict] = []
+        problems: List[str] = []
+        for fam in LIBVIRT_FAMILIES:
+            listing = self._list_libvirt_chain(fam)
+            if listing is None:
+                problems.append(
+                    f"chain {LIBVIRT_CHAIN} of table {fam} {LIBVIRT_TABLE} not found "
+                    "(libvirt not started, or not using nftables): accept rule not installed"
+                )
+                continue
+            cmds += libvirt_fix_commands(fam, listing)
+        return cmds, problems
+
+    def _guest_elements(self, key: str) -> Dict[str, Elem]:
+        """Slow path: the key's elements as found in our table."""
+        listing = self._list_table()
+        found: Dict[str, Elem] = {}
+        if listing is None:
+            return found
+        for set_name, entry in _set_items(listing):
+            try:
+                e, owner = parse_listed_element(set_name, entry)
+            except (ValueError, TypeError, KeyError):
+                continue
+            if owner == key:
+                found[e.canonical()] = e
+        return found
+
+    # -- Backend interface
+
+    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
+        want = render_elements(forwards)
+        record = sorted(want)
+        adds = element_commands("add", want.values(), key)
+        if previous is not None:
+            try:
+                prev = {t: parse_canonical(t) for t in previous}
+            except ValueError:
+                prev = None
+            if prev is not None:
+                fixes, _problems = self._libvirt_fixes()
+                gone = [e for t, e in prev.items() if t not in want]
+                # Re-adding what is already there is a no-op for identical
+                # elements, and restores them if someone flushed our table.
+                cmds = base_commands() + fixes + element_commands("delete", gone) + adds
+                if self._write(cmds) is None:
+                    return record
+        err = None
+        for _attempt in range(2):  # the second try re-lists after a race with libvirt
+            found = self._guest_elements(key)
+            fixes, _problems = self._libvirt_fixes()
+            gone = [e for t, e in found.items() if t not in want]
+            cmds = base_commands() + fixes + element_commands("delete", gone) + adds
+            err = self._write(cmds)
+            if err is None:
+                return record
+        raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+
+    def remove(self, key: str, previous: Optional[List[str]]) -> None:
+        if previous is not None:
+            try:
+                prev = [parse_canonical(t) for t in previous]
+            except ValueError:
+                prev = None
+            if prev is not None:
+                if not prev or self._transaction(element_commands("delete", prev)) is None:
+                    return
+        err = None
+        for _attempt in range(2):
+            found = self._guest_elements(key)
+            if not found:
+                return
+            err = self._transaction(element_commands("delete", found.values()))
+            if err is None:
+                return
+        raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+
+    def snapshot(self) -> Snapshot:
+        snap = Snapshot()
+        listing = self._list_table()
+        if listing is None:
+            snap.base_ok = False
+            snap.problems.append(f"table {FAMILY} {TABLE} is missing")
+        else:
+            self._check_table(listing, snap)
+            for set_name, entry in _set_items(listing):
+                try:
+                    e, owner = parse_listed_element(set_name, entry)
+                except (ValueError, TypeError, KeyError):
+                    snap.problems.append(f"unreadable element in {set_name}: {entry!r}")
+                    continue
+                if owner is None:
+                    snap.problems.append(f"untagged element in {set_name}: {e.canonical()}")
+                    continue
+                snap.guests.setdefault(owner, set()).add(e.canonical())
+        for fam in LIBVIRT_FAMILIES:
+            chain = self._list_libvirt_chain(fam)
+            where = f"{fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
+            if chain is None:
+                snap.problems.append(f"chain {where} not found (libvirt not started?): no accept rule")
+                continue
+            if libvirt_fix_commands(fam, chain):
+                snap.base_ok = False
+                snap.problems.append(f"accept rule missing, duplicated or not at the top of {where}")
+        return snap
+
+    @staticmethod
+    def _check_table(listing: List[dict], snap: Snapshot) -> None:
+        chains = {o["chain"]["name"] for o in listing if "chain" in o}
+        sets = {(o.get("map") or o.get("set"))["name"] for o in listing if "map" in o or "set" in o}
+        counts: Dict[str, int] = {}
+        for o in listing:
+            if "rule" in o:
+                counts[o["rule"]["chain"]] = counts.get(o["rule"]["chain"], 0) + 1
+        expected: Dict[str, int] = {}
+        for r in base_rules():
+            c = r["add"]["rule"]["chain"]
+            expected[c] = expected.get(c, 0) + 1
+        for name, _hook in CHAINS:
+            if name not in chains:
+                snap.base_ok = False
+                snap.problems.append(f"chain {name} missing from table {FAMILY} {TABLE}")
+            elif counts.get(name, 0) != expected.get(name, 0):
+                snap.base_ok = False
+                snap.problems.append(
+                    f"chain {name} of table {FAMILY} {TABLE} has {counts.get(name, 0)} rules, "
+                    f"expected {expected.get(name, 0)}"
+                )
+        for name in list(_MAPS_BY_NAME) + list(_HAIRPIN_FAMILY):
+            if name not in sets:
+                snap.base_ok = False
+                snap.problems.append(f"map/set {name} missing from table {FAMILY} {TABLE}")
+
+    def flush(self) -> None:
+        err = None
+        for _attempt in range(2):
+            cmds: List[dict] = [
+                # add+delete: deletes the table whether or not it exists.
+                {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+                {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
+            ]
+            for fam in LIBVIRT_FAMILIES:
+                for o in self._list_libvirt_chain(fam) or ():
+                    r = o.get("rule")
+                    if r and r.get("comment") == TAG:
+                        cmds.append(
+                            {
+                                "delete": {
+                                    "rule": {
+                                        "family": fam,
+                                        "table": LIBVIRT_TABLE,
+                                        "chain": LIBVIRT_CHAIN,
+                                        "handle": r["handle"],
+                                    }
+                                }
+                            }
+                        )
+            err = self._transaction(cmds)
+            if err is None:
+                return
+        raise FirewallError(f"nftables: cannot flush: {err}")
+
+    def ensure_base(self) -> None:
+        err = None
+        for _attempt in range(2):
+            fixes, _problems = self._libvirt_fixes()
+            err = self._write(base_commands() + fixes)
+            if err is None:
+                return
+        raise FirewallError(f"nftables: cannot create base chains: {err}")
