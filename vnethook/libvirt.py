@@ -1,0 +1,526 @@
+"""Reading what libvirt tells a hook, and what it leaves in files.
+
+The hook runs while libvirtd waits for it, so it must never call libvirt
+(deadlock): everything comes from stdin (domain XML, network hookData) and
+from libvirt's own files (/run/libvirt/{qemu,network}/*.xml status files,
+dnsmasq's <bridge>.status leases, <network>.hostsfile). This module turns
+those into small frozen dataclasses and nothing else: no firewall, no
+config, no side effects.
+
+All input is untrusted in the sense that it may be truncated, vanish
+mid-read (libvirt rewrites these files by rename), or be garbage: every
+failure is a LibvirtDataError naming the source (and line when known), or
+an explicit "absent" (None / []), never another exception. lxml is imported
+only when XML is actually parsed (the hook's fast paths skip it), with a
+parser that resolves no entities, fetches nothing and refuses huge trees.
+
+MACs are always lowercase `aa:bb:cc:dd:ee:ff`, whatever libvirt or a user
+wrote, so comparisons anywhere else can be plain string equality.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+MAX_INPUT = 16 * 1024 * 1024  # far above any real libvirt XML or lease file
+
+
+class LibvirtDataError(Exception):
+    """libvirt data we cannot use; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Interface:
+    mac: str  # lowercase aa:bb:cc:dd:ee:ff
+    type: str  # network | bridge | direct | user | ...
+    network: Optional[str]  # libvirt network name (type='network' only)
+    bridge: Optional[str]  # known once the guest runs (start/started, status file)
+    target: Optional[str]  # tap device, e.g. vnet0 (start/started, status file)
+    portid: Optional[str]  # network port uuid (libvirt >= 5.5, running guests)
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: Optional[str]
+    interfaces: Tuple[Interface, ...]
+
+
+@dataclass(frozen=True)
+class Subnet:
+    family: int  # 4 | 6
+    address: str  # the host side, e.g. 192.0.2.1
+    prefix: int
+    cidr: str  # the network, e.g. 192.0.2.0/24
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    bridge: Optional[str]
+    forward_mode: Optional[str]  # nat | route | open | bridge | ...; None = isolated
+    subnets: Tuple[Subnet, ...]
+    # Static DHCP reservations that name a MAC: (mac, ip). IPv4 in practice;
+    # libvirt's IPv6 hosts are keyed by DUID or name, which cannot be tied
+    # to a NIC without the guest, so those are left out.
+    dhcp_hosts: Tuple[Tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Port:
+    network: str
+    owner: Optional[str]  # domain name
+    owner_uuid: Optional[str]
+    mac: str
+    bridge: Optional[str]
+
+
+@dataclass(frozen=True)
+class Lease:
+    ip: str
+    mac: str
+    expiry: int  # epoch seconds; 0 = never expires
+    hostname: Optional[str]
+
+
+# --------------------------------------------------------------- helpers
+def normalize_mac(value: object) -> Optional[str]:
+    """`52:54:00:AB:c:1` -> `52:54:00:ab:0c:01`; None if it is not a MAC."""
+    if not isinstance(value, str):
+        return None
+    s = value.strip()
+    parts = s.split(":") if ":" in s else s.split("-")
+    if len(parts) != 6:
+        return None
+    out = []
+    for p in parts:
+        if not 1 <= len(p) <= 2 or any(c not in "0123456789abcdefABCDEF" for c in p):
+            return None
+        out.append(p.lower().rjust(2, "0"))
+    return ":".join(out)
+
+
+def _where(source: str, line: Optional[int]) -> str:
+    return f"{source}:{line}" if line else source
+
+
+def _to_bytes(data: object, source: str) -> bytes:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise LibvirtDataError(f"{source}: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > MAX_INPUT:
+        raise LibvirtDataError(f"{source}: input is {len(data)} bytes, over the {MAX_INPUT} byte limit")
+    return data
+
+
+def _parse_xml(data: object, source: str):
+    """Parse untrusted XML with a hardened lxml parser; returns the root."""
+    raw = _to_bytes(data, source)
+    if not raw.strip():
+        raise LibvirtDataError(f"{source}: empty input, expected XML")
+    from lxml import etree
+
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+        load_dtd=False,
+        dtd_validation=False,
+    )
+    try:
+        root = etree.fromstring(raw, parser)
+    except etree.XMLSyntaxError as e:
+        line = e.position[0] if getattr(e, "position", None) else getattr(e, "lineno", None)
+        msg = (e.msg or str(e)).strip() if hasattr(e, "msg") else str(e)
+        raise LibvirtDataError(f"{_where(source, line)}: not well-formed XML: {msg}") from None
+    except (etree.LxmlError, ValueError) as e:
+        raise LibvirtDataError(f"{source}: unreadable XML: {e}") from None
+    if root is None or not isinstance(root.tag, str):
+        raise LibvirtDataError(f"{source}: no XML document element")
+    return root
+
+
+def _text(el, path: str) -> Optional[str]:
+    found = el.find(path)
+    if found is None or found.text is None:
+        return None
+    t = found.text.strip()
+    return t or None
+
+
+def _attr(el, path: str, name: str) -> Optional[str]:
+    found = el.find(path) if path else el
+    if found is None:
+        return None
+    v = found.get(name)
+    if v is None:
+        return None
+    v = v.strip()
+    return v or None
+
+
+def _unwrap(root, source: str, want: str, wrappers: Sequence[str]):
+    """Accept <want> itself or <wrapper><want>; anything else is an error."""
+    if root.tag == want:
+        return root
+    if root.tag in wrappers:
+        inner = root.find(want)
+        if inner is None:
+            raise LibvirtDataError(f"{_where(source, root.sourceline)}: <{root.tag}> has no <{want}>")
+        return inner
+    allowed = ", ".join(f"<{t}>" for t in (want, *wrappers))
+    raise LibvirtDataError(
+        f"{_where(source, root.sourceline)}: expected {allowed}, got <{_tagname(root.tag)}>"
+    )
+
+
+def _tagname(tag: object) -> str:
+    return tag if isinstance(tag, str) else "?"
+
+
+# ------------------------------------------------------------------- XML
+def parse_domain(data: bytes, source: str = "stdin") -> Domain:
+    """A domain from its XML: the hook's stdin (<domain>) or a running
+    domain's status file (<domstatus><domain>).
+
+    NICs without a usable MAC are left out rather than failing the whole
+    guest: nothing can be forwarded to a NIC we cannot identify, and the
+    other NICs still deserve their forwards."""
+    root = _unwrap(_parse_xml(data, source), source, "domain", ("domstatus",))
+    name = _text(root, "name")
+    if not name:
+        raise LibvirtDataError(f"{_where(source, root.sourceline)}: <domain> has no <name>")
+    interfaces = []
+    for el in root.findall("devices/interface"):
+        mac = normalize_mac(_attr(el, "mac", "address"))
+        if mac is None:
+            continue
+        itype = (el.get("type") or "").strip()
+        network = _attr(el, "source", "network") if itype == "network" else None
+        interfaces.append(
+            Interface(
+                mac=mac,
+                type=itype,
+                network=network,
+                # stdin has <source bridge>; status files keep it in <actual>
+                bridge=_attr(el, "source", "bridge") or _attr(el, "actual/source", "bridge"),
+                target=_attr(el, "target", "dev"),
+                portid=_attr(el, "source", "portid"),
+            )
+        )
+    return Domain(name=name, uuid=_text(root, "uuid"), interfaces=tuple(interfaces))
+
+
+def _subnet(el, source: str) -> Subnet:
+    where = _where(source, el.sourceline)
+    family = (el.get("family") or "ipv4").strip().lower()
+    if family not in ("ipv4", "ipv6"):
+        raise LibvirtDataError(f"{where}: <ip family='{family}'> is neither ipv4 nor ipv6")
+    address = _attr(el, "", "address")
+    if not address:
+        raise LibvirtDataError(f"{where}: <ip> has no address")
+    prefix = _attr(el, "", "prefix")
+    netmask = _attr(el, "", "netmask")
+    try:
+        if prefix is not None:
+            iface = ipaddress.ip_interface(f"{address}/{int(prefix)}")
+        elif netmask is not None:
+            iface = ipaddress.ip_interface(f"{address}/{netmask}")
+        else:  # libvirt's defaults: classful for IPv4 is long gone; it uses /24 and /64
+            iface = ipaddress.ip_interface(f"{address}/{24 if family == 'ipv4' else 64}")
+    except ValueError as e:
+        raise LibvirtDataError(f"{where}: bad <ip> address/prefix: {e}") from None
+    want = 4 if family == "ipv4" else 6
+    if iface.version != want:
+        raise LibvirtDataError(f"{where}: <ip family='{family}'> has address {address}")
+    return Subnet(family=want, address=str(iface.ip), prefix=iface.network.prefixlen,
+                  cidr=str(iface.network))
+
+
+def parse_network(data: bytes, source: str = "stdin") -> Network:
+    """A network from the network hook's stdin (<hookData><network>), a
+    definition (<network>) or its status file (<networkstatus><network>)."""
+    root = _unwrap(_parse_xml(data, source), source, "network", ("hookData", "networkstatus"))
+    return _network_from(root, source)
+
+
+def _network_from(root, source: str) -> Network:
+    name = _text(root, "name")
+    if not name:
+        raise LibvirtDataError(f"{_where(source, root.sourceline)}: <network> has no <name>")
+    subnets = []
+    hosts: List[Tuple[str, str]] = []
+    for ip_el in root.findall("ip"):
+        subnets.append(_subnet(ip_el, source))
+        for h in ip_el.findall("dhcp/host"):
+            mac = normalize_mac(h.get("mac"))
+            addr = _valid_ip(h.get("ip"))
+            if mac and addr and (mac, addr) not in hosts:
+                hosts.append((mac, addr))
+    return Network(
+        name=name,
+        bridge=_attr(root, "bridge", "name"),
+        forward_mode=_attr(root, "forward", "mode"),
+        subnets=tuple(subnets),
+        dhcp_hosts=tuple(hosts),
+    )
+
+
+def _valid_ip(value: object) -> Optional[str]:
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip().strip("[]")))
+    except ValueError:
+        return None
+
+
+def parse_port(data: bytes, source: str = "stdin") -> Optional[Port]:
+    """The port of a network hook's port-created/port-deleted stdin, or
+    None when the hookData carries no <networkport> (start, stopped...)."""
+    root = _parse_xml(data, source)
+    if root.tag != "hookData":
+        raise LibvirtDataError(
+            f"{_where(source, root.sourceline)}: expected <hookData>, got <{_tagname(root.tag)}>"
+        )
+    port = root.find("networkport")
+    if port is None:
+        return None
+    where = _where(source, port.sourceline)
+    network = _text(root, "network/name")
+    if not network:
+        raise LibvirtDataError(f"{where}: <hookData> has a port but no <network><name>")
+    mac = normalize_mac(_attr(port, "mac", "address"))
+    if mac is None:
+        raise LibvirtDataError(f"{where}: <networkport> has no valid <mac address>")
+    return Port(
+        network=network,
+        owner=_text(port, "owner/name"),
+        owner_uuid=_text(port, "owner/uuid"),
+        mac=mac,
+        bridge=_attr(port, "plug", "bridge"),
+    )
+
+
+# ----------------------------------------------------------------- files
+def _read_file(path: str) -> Optional[bytes]:
+    """The file's bytes, or None if it does not exist (libvirt may have
+    just removed it). Other failures are LibvirtDataError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LibvirtDataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > MAX_INPUT:
+        raise LibvirtDataError(f"{path}: over the {MAX_INPUT} byte limit")
+    return data
+
+
+def read_leases(path: str, now: Optional[float] = None) -> List[Lease]:
+    """Unexpired leases from libvirt's `<bridge>.status` JSON.
+
+    A missing file means no leases yet. Entries that are not well-formed
+    (no MAC, bad IP, bad expiry) are skipped: the leases helper only ever
+    appends what dnsmasq reported, and one odd entry must not hide the
+    others. A file that is not a JSON array is an error."""
+    import json
+    import time
+
+    data = _read_file(path)
+    if data is None:
+        return []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LibvirtDataError(f"{path}: not UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        line = getattr(e, "lineno", None)
+        msg = getattr(e, "msg", str(e))
+        raise LibvirtDataError(f"{_where(path, line)}: not valid JSON: {msg}") from None
+    except RecursionError:
+        raise LibvirtDataError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(doc, list):
+        raise LibvirtDataError(f"{path}: expected a JSON array of leases, got {type(doc).__name__}")
+    if now is None:
+        now = time.time()
+    out = []
+    for entry in doc:
+        lease = _lease(entry)
+        if lease is None:
+            continue
+        if lease.expiry != 0 and lease.expiry <= now:
+            continue
+        out.append(lease)
+    return out
+
+
+def _lease(entry: object) -> Optional[Lease]:
+    if not isinstance(entry, dict):
+        return None
+    ip = _valid_ip(entry.get("ip-address"))
+    mac = normalize_mac(entry.get("mac-address"))
+    expiry = entry.get("expiry-time")
+    if isinstance(expiry, str) and expiry.strip().isdigit():
+        expiry = int(expiry.strip())
+    if ip is None or mac is None or isinstance(expiry, bool) or not isinstance(expiry, int) or expiry < 0:
+        return None
+    hostname = entry.get("hostname")
+    if not isinstance(hostname, str) or not hostname:
+        hostname = None
+    return Lease(ip=ip, mac=mac, expiry=expiry, hostname=hostname)
+
+
+def find_lease(leases: Iterable[Lease], mac: str, family: int = 4) -> Optional[Lease]:
+    """The lease of one NIC for one family; the one expiring last wins (a
+    re-lease after a reboot is newer than a stale entry), never-expiring
+    (0) beats everything."""
+    want = normalize_mac(mac)
+    if want is None:
+        return None
+    best: Optional[Lease] = None
+    best_key = -1.0
+    for lease in leases:
+        if normalize_mac(lease.mac) != want:
+            continue
+        try:
+            if ipaddress.ip_address(lease.ip).version != family:
+                continue
+        except ValueError:
+            continue
+        key = float("inf") if lease.expiry == 0 else float(lease.expiry)
+        if key > best_key:
+            best, best_key = lease, key
+    return best
+
+
+def read_hostsfile(path: str) -> List[Tuple[str, str]]:
+    """(mac, ip) pairs from libvirt's `<network>.hostsfile` (dnsmasq
+    dhcp-hostsfile: `mac,ip[,name]`). Lines keyed by DUID or name (IPv6)
+    are skipped, like in Network.dhcp_hosts."""
+    data = _read_file(path)
+    if data is None:
+        return []
+    out: List[Tuple[str, str]] = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 2:
+            continue
+        mac, ip = normalize_mac(fields[0]), _valid_ip(fields[1])
+        if mac and ip and (mac, ip) not in out:
+            out.append((mac, ip))
+    return out
+
+
+def _dir(paths: object, attr: str) -> str:
+    return paths if isinstance(paths, str) else getattr(paths, attr)
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+def running_domains(paths: object, errors: Optional[List[str]] = None) -> List[Domain]:
+    """Every running domain, from /run/libvirt/qemu/*.xml (domstatus).
+
+    `paths` is a vnethook.paths.Paths or the directory itself. Files that
+    vanish, cannot be read or do not parse are skipped (libvirt rewrites
+    them while guests start and stop); their errors go to `errors`."""
+    directory = _dir(paths, "running_domains_dir")
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise LibvirtDataError(f"{directory}: cannot list: {e.strerror or e}") from None
+    out = []
+    for fname in names:
+        if not fname.endswith(".xml") or fname.startswith("."):
+            continue
+        path = os.path.join(directory, fname)
+        try:
+            data = _read_file(path)
+            if data is None:
+                continue
+            out.append(parse_domain(data, source=path))
+        except LibvirtDataError as e:
+            if errors is not None:
+                errors.append(str(e))
+    return out
+
+
+def running_domain(paths: object, name: str) -> Optional[Domain]:
+    """One running domain's status, or None if it is not running."""
+    if not _safe_name(name):
+        return None
+    path = os.path.join(_dir(paths, "running_domains_dir"), f"{name}.xml")
+    data = _read_file(path)
+    if data is None:
+        return None
+    return parse_domain(data, source=path)
+
+
+def running_network(paths: object, name: str) -> Optional[Network]:
+    """One active network from /run/libvirt/network/<name>.xml, or None.
+
+    libvirt writes that file only after the network's `started` hook, so at
+    that event the hook's stdin is the source, not this."""
+    if not _safe_name(name):
+        return None
+    path = os.path.join(_dir(paths, "running_networks_dir"), f"{name}.xml")
+    data = _read_file(path)
+    if data is None:
+        return None
+    return parse_network(data, source=path)
+
+
+def networks_for(paths: object, domain: Domain, hook_network: Optional[Network] = None
+                 ) -> Dict[str, Network]:
+    """Every active network the domain's NICs use, by name.
+
+    The hook's own network data wins (it is what libvirt is acting on right
+    now), then the status file. Static hosts from `<network>.hostsfile` are
+    added to those in the XML, so a reservation that only reached dnsmasq
+    still counts. Networks that are not running are left out."""
+    out: Dict[str, Network] = {}
+    for iface in domain.interfaces:
+        name = iface.network
+        if not name or name in out:
+            continue
+        if hook_network is not None and hook_network.name == name:
+            net: Optional[Network] = hook_network
+        else:
+            net = running_network(paths, name)
+        if net is None:
+            continue
+        extra = []
+        hosts_file = _hosts_file(paths, name)
+        if hosts_file:
+            try:
+                extra = [h for h in read_hostsfile(hosts_file) if h not in net.dhcp_hosts]
+            except LibvirtDataError:
+                extra = []
+        if extra:
+            net = Network(name=net.name, bridge=net.bridge, forward_mode=net.forward_mode,
+                          subnets=net.subnets, dhcp_hosts=net.dhcp_hosts + tuple(extra))
+        out[name] = net
+    return out
+
+
+def _hosts_file(paths: object, network: str) -> Optional[str]:
+    fn = getattr(paths, "hosts_file", None)
+    if fn is None or not _safe_name(network):
+        return None
+    return fn(network)
