@@ -110,6 +110,10 @@ class Topology:
             run(["ip", "netns", "add", name])
             self.made.append(name)
             self.ip(role, "link", "set", "lo", "up")
+            # No duplicate address detection: addresses usable at once, so
+            # the first IPv6 packet of a test is not lost to a tentative address.
+            for conf in ("default", "all"):
+                self.exec(role, "sysctl", "-qw", f"net.ipv6.conf.{conf}.accept_dad=0")
         h = "host"
         self.exec(h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.exec(h, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")

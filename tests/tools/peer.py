@@ -28,6 +28,14 @@ def parse_ports(text: str):
     return out
 
 
+def _socktype(proto: str):
+    if proto == "udp":
+        return socket.SOCK_DGRAM, 0
+    if proto == "sctp":
+        return socket.SOCK_STREAM, socket.IPPROTO_SCTP
+    return socket.SOCK_STREAM, 0
+
+
 def serve(args) -> int:
     sel = selectors.DefaultSelector()
     socks = []
@@ -35,8 +43,8 @@ def serve(args) -> int:
         for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             if args.family and {4: socket.AF_INET, 6: socket.AF_INET6}[args.family] != fam:
                 continue
-            typ = socket.SOCK_STREAM if args.proto == "tcp" else socket.SOCK_DGRAM
-            s = socket.socket(fam, typ)
+            typ, ipproto = _socktype(args.proto)
+            s = socket.socket(fam, typ, ipproto)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -77,8 +85,8 @@ def serve(args) -> int:
 
 def connect(args) -> int:
     fam = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
-    typ = socket.SOCK_STREAM if args.proto == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(fam, typ)
+    typ, ipproto = _socktype(args.proto)
+    s = socket.socket(fam, typ, ipproto)
     s.settimeout(args.timeout)
     try:
         if args.source:
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
-    s.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    s.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp")
     s.add_argument("--ports", required=True, help="e.g. 80 or 40000-40009 or 80,443")
     s.add_argument("--name", required=True)
     s.add_argument("--family", type=int, choices=(4, 6))
@@ -119,7 +127,7 @@ def main(argv=None) -> int:
     s.add_argument("--lifetime", type=float, default=600.0,
                    help="exit after this many idle seconds (a safety net)")
     c = sub.add_parser("connect")
-    c.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    c.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp")
     c.add_argument("--addr", required=True)
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--source")

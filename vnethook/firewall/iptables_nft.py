@@ -11,8 +11,12 @@ single process as a 1-rule change. iptables-nft-restore commits each table
 section (`*nat` ... `COMMIT`) as its own nf_tables transaction, so a change
 is atomic per table; if a later table fails after an earlier one committed,
 the caller's fallback (list, then replace) converges the firewall in the
-same call. The nat section carries only DNAT/masquerade, the filter
-section only accepts, so a half-applied change is never a wider opening.
+same call, and if the new set cannot be installed at all, the tables
+already committed are put back to the old set. So a guest ends with its
+old rules or its new ones; only a process killed between two commits can
+leave nat from one and filter from the other, which the next apply fixes.
+The nat section carries only DNAT/masquerade, the filter section only
+accepts of DNATed connections, so such a mix is never a wider opening.
 
 Careful with `--noflush`: declaring an existing user chain (`:CHAIN`)
 flushes it, so chains are declared only when a listing showed them missing.
@@ -21,6 +25,7 @@ flushes it, so chains are declared only when a listing showed them missing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -39,6 +44,14 @@ def find_tool(name: str) -> str:
     if not found:
         raise FirewallError(f"{name} not found (install iptables)")
     return found
+
+
+class RestoreError(FirewallError):
+    """A restore run failed; `line` is the batch line it blamed, if it said."""
+
+    def __init__(self, msg: str, line: Optional[int] = None) -> None:
+        super().__init__(msg)
+        self.line = line
 
 
 def check_key(key: str, forwards: Sequence[Forward]) -> None:
@@ -73,7 +86,9 @@ class IptablesNftBackend(Backend):
             raise FirewallError(f"{tool}: {e}") from None
         if p.returncode != 0:
             msg = " ".join((p.stderr or p.stdout).split())
-            raise FirewallError(f"{os.path.basename(tool)} failed: {msg}")
+            m = re.search(r"\bline:? (\d+)", msg)
+            raise RestoreError(f"{os.path.basename(tool)} failed: {msg}",
+                               int(m.group(1)) if m else None)
 
     def _save(self, family: int) -> str:
         tool = self._tool(self.save_tools[family])
@@ -121,7 +136,14 @@ class IptablesNftBackend(Backend):
         return record
 
     def _apply_fast(self, previous: Iterable[str], record: List[str]) -> None:
+        """One batch per family from the record's diff; undone if it fails.
+
+        A failed batch may have committed its earlier table sections (and an
+        earlier family may be done): those are reverted with the inverse
+        lines, so the caller's fallback starts from the old state.
+        """
         old_by, new_by = ir.by_family(previous), ir.by_family(record)
+        done: List[tuple] = []  # (family, sections) committed so far
         for fam in sorted(set(old_by) | set(new_by)):
             old, new = old_by.get(fam, []), new_by.get(fam, [])
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
@@ -131,7 +153,46 @@ class IptablesNftBackend(Backend):
                 for j in ir.base_jumps(fam):
                     sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
             self._diff_lines(sections, old, new)
-            self._restore(fam, self._batch(sections))
+            try:
+                self._restore(fam, self._batch(sections))
+            except RestoreError as e:
+                done += [(fam, {t: sections[t]}) for t in self._committed(sections, e.line)]
+                self._undo(done)
+                raise
+            done.append((fam, sections))
+
+    def _committed(self, sections: Dict[str, List[str]], line: Optional[int]) -> List[str]:
+        """Tables of a failed batch that committed before the blamed line."""
+        out, end = [], 0
+        for table in ir.TABLES:
+            lines = sections.get(table)
+            if not lines:
+                continue
+            end += len(lines) + 2
+            if line is None or line <= end:
+                # No line named: assume nothing committed. The slow path that
+                # follows lists the firewall and converges from what it finds.
+                break
+            out.append(table)
+        return out
+
+    def _undo(self, done: List[tuple]) -> None:
+        for fam, sections in reversed(done):
+            inverse: Dict[str, List[str]] = {}
+            for table, lines in sections.items():
+                for ln in lines:
+                    op, _, rest = ln.partition(" ")
+                    chain = rest.split(" ", 1)[0]
+                    if chain not in ir.OUR_CHAINS.get(table, ()):
+                        continue  # jump re-seating: leave our jump on top
+                    inv = {"-A": "-D", "-D": "-A"}.get(op)
+                    if inv:
+                        inverse.setdefault(table, []).append(f"{inv} {rest}")
+            if inverse:
+                try:
+                    self._restore(fam, self._batch(inverse))
+                except FirewallError:
+                    pass  # the slow path that follows lists and converges anyway
 
     @staticmethod
     def _diff_lines(sections: Dict[str, List[str]], old: List[str], new: List[str]) -> None:
@@ -145,24 +206,40 @@ class IptablesNftBackend(Backend):
                 _, table, chain, spec = ir.split_canonical(r)
                 sections.setdefault(table, []).append(f"-A {chain} {spec}")
 
-    def _apply_slow(self, key: str, record: List[str]) -> None:
+    def _apply_slow(self, key: str, record: List[str], revert: bool = True) -> None:
+        """List, then replace the guest's tagged rules, family by family.
+
+        Each table commits on its own, so when a later table (or family)
+        fails, the ones already committed are put back to what the listing
+        showed: the guest ends with its old rules or its new ones.
+        """
         new_by = ir.by_family(record)
+        states: Dict[int, ir.FamilyState] = {}
         for fam in ir.FAMILIES:
-            new = new_by.get(fam, [])
             try:
-                st = self._state(fam)
+                states[fam] = self._state(fam)
             except FirewallError:
-                if new:
+                if new_by.get(fam):
                     raise
-                continue
-            old = st.guests.get(key, [])
-            if not old and not new:
-                continue
-            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-            if new:
-                self._base_lines(fam, st, sections)
-            self._diff_lines(sections, old, new)
-            self._restore(fam, self._batch(sections))
+        before = [r for st in states.values() for r in st.guests.get(key, [])]
+        try:
+            for fam, st in states.items():
+                new = new_by.get(fam, [])
+                old = st.guests.get(key, [])
+                if not old and not new:
+                    continue
+                sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+                if new:
+                    self._base_lines(fam, st, sections)
+                self._diff_lines(sections, old, new)
+                self._restore(fam, self._batch(sections))
+        except FirewallError:
+            if revert:
+                try:
+                    self._apply_slow(key, before, revert=False)
+                except FirewallError:
+                    pass
+            raise
 
     def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> None:
         """Lines that make chains exist and every jump exist once, first."""
