@@ -29,14 +29,22 @@ Why this shape:
   connections to its guests, and an accept in our own table cannot undo a
   reject in another table's base chain. So we keep exactly one rule, with
   comment ``vnethook``, at the top of libvirt's chain: ``ct mark & MARK ==
-  MARK accept``. libvirt reloads keep it in place (it re-inserts its rules
-  in its sub-chains, never at the top of ``forward``); a libvirt restart or
-  reload can only make it go missing, which apply()/ensure_base() repair.
-- Hairpin (guest -> host address -> guest on the same subnet) and host
-  loopback connections are masqueraded, so replies come back through the
-  host. Which sources are "on the guest subnet" is the set
-  ``hairpin4``/``hairpin6`` of ``subnet . guest address`` elements, owned
-  per guest like the DNAT elements.
+  MARK accept``. libvirt reloads keep it in place (they re-insert libvirt's
+  rules in its sub-chains); a recreated table loses it, and a jump libvirt
+  re-inserts because it was missing lands above it. apply() and
+  ensure_base() list that one chain and repair both.
+- Hairpin connections (a guest reaches a forward whose target is on the
+  bridge it came from) and host connections from 127.0.0.0/8 or ::1 are
+  masqueraded, so replies come back through the host. Hairpin is detected
+  right after the DNAT, without any per-guest data: chain ``hairpin``
+  (prerouting, priority dstnat+1) asks the FIB whether the new destination
+  is routed out of the interface the packet came in on
+  (``fib daddr . iif oif exists``), and if so sets ct mark bit ``MASQ``
+  (0x04000000); postrouting masquerades connections carrying that bit.
+  This also holds when br_netfilter bridges the DNATed packet (its IP hooks
+  then see the bridge as both input and output device). A guest reaching
+  *itself* through a forward additionally needs hairpin mode on its bridge
+  port when br_netfilter is active (bridge behaviour, not ours).
 - Base chains and their few rules are flushed and re-added inside every
   transaction: ``add table/chain/map`` are idempotent, ``flush chain`` +
   ``add rule`` makes the rules idempotent without listing anything.
@@ -57,7 +65,8 @@ from vnethook.model import PROTOCOLS, Forward
 
 FAMILY = "inet"
 TABLE = "vnethook"
-MARK = 0x02000000  # ct mark bit of connections DNATed by vnethook
+MARK = 0x02000000  # ct mark bit: connection DNATed by vnethook (libvirt accept)
+MASQ = 0x04000000  # ct mark bit: DNATed hairpin connection, masquerade it
 LIBVIRT_TABLE = "libvirt_network"
 LIBVIRT_CHAIN = "forward"
 LIBVIRT_FAMILIES = ("ip", "ip6")
@@ -66,6 +75,7 @@ COMMENT_PREFIX = f"{TAG}:"
 _PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
 _NAT_PRIO_DST = -100
 _NAT_PRIO_SRC = 100
+_HAIRPIN_PRIO = _NAT_PRIO_DST + 1  # after our DNAT, before routing
 
 
 # --------------------------------------------------------------------------
@@ -117,14 +127,13 @@ MAPS: Tuple[MapSpec, ...] = tuple(
     for host, sourced in ((True, True), (True, False), (False, True), (False, False))
 )
 _MAPS_BY_NAME = {m.name: m for m in MAPS}
-HAIRPIN_SETS = {4: "hairpin4", 6: "hairpin6"}
-_HAIRPIN_FAMILY = {v: k for k, v in HAIRPIN_SETS.items()}
 
 CHAINS = (
     # name, (type, hook, priority) or None for a regular chain
     ("prerouting", ("nat", "prerouting", _NAT_PRIO_DST)),
     ("output", ("nat", "output", _NAT_PRIO_DST)),
     ("translate", None),
+    ("hairpin", ("filter", "prerouting", _HAIRPIN_PRIO)),
     ("postrouting", ("nat", "postrouting", _NAT_PRIO_SRC)),
 )
 
@@ -173,29 +182,7 @@ class FwdElem:
         return {"concat": [self.guest, self.guest_port]}
 
 
-@dataclass(frozen=True)
-class HairpinElem:
-    """Connections from `subnet` DNATed to `guest` need masquerading."""
-
-    family: int
-    subnet: str  # CIDR with prefix length
-    guest: str
-
-    @property
-    def set_name(self) -> str:
-        return HAIRPIN_SETS[self.family]
-
-    def canonical(self) -> str:
-        return f"masquerade {self.subnet} -> {_bracket(self.guest, self.family)}"
-
-    def key_json(self) -> dict:
-        return {"concat": [_prefix_json(self.subnet), self.guest]}
-
-    def data_json(self) -> None:
-        return None
-
-
-Elem = Any  # FwdElem | HairpinElem
+Elem = FwdElem
 
 
 def _bracket(addr: str, family: int) -> str:
@@ -252,9 +239,6 @@ def _forward_elements(f: Forward) -> List[Elem]:
         glo, ghi = f.guest_ports
         if not (0 < hlo <= hhi <= 65535 and 0 < glo <= ghi <= 65535) or hhi - hlo != ghi - glo:
             raise ValueError(f"port ranges {hlo}-{hhi} -> {glo}-{ghi}")
-        subnet = ipaddress.ip_network(f.subnet, strict=False)
-        if subnet.version != f.family:
-            raise ValueError(f"subnet {f.subnet} is not IPv{f.family}")
         nets = [ipaddress.ip_network(s, strict=False) for s in f.sources]
     except ValueError as exc:
         raise FirewallError(f"{where}cannot render forward {f.describe()}: {exc}") from None
@@ -269,7 +253,6 @@ def _forward_elements(f: Forward) -> List[Elem]:
     for src in sources:
         for i in range(hhi - hlo + 1):
             out.append(FwdElem(f.family, f.protocol, host, hlo + i, src, guest.compressed, glo + i))
-    out.append(HairpinElem(f.family, subnet.with_prefixlen, guest.compressed))
     return out
 
 
@@ -277,38 +260,32 @@ _FWD_RE = re.compile(
     r"^(?P<proto>[a-z]+) (?P<host>\*|\[\*\]|\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<hport>\d+)"
     r"(?: from (?P<src>\S+))? -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<gport>\d+)$"
 )
-_HP_RE = re.compile(r"^masquerade (?P<subnet>\S+) -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+)$")
 
 
 def parse_canonical(text: str) -> Elem:
     """Turn a record line back into the element it names (ValueError if not ours)."""
     m = _FWD_RE.match(text)
-    if m:
-        host_s, guest_s = m["host"], m["guest"]
-        family = 6 if guest_s.startswith("[") else 4
-        if host_s in ("*", "[*]"):
-            host = None
-            if (host_s == "[*]") != (family == 6):
-                raise ValueError(f"mixed families in {text!r}")
-        else:
-            host = _addr(host_s.strip("[]"))
-        if m["proto"] not in PROTOCOLS:
-            raise ValueError(f"unknown protocol in {text!r}")
-        e: Elem = FwdElem(
-            family,
-            m["proto"],
-            host,
-            int(m["hport"]),
-            _net(m["src"]) if m["src"] else None,
-            _addr(guest_s.strip("[]")),
-            int(m["gport"]),
-        )
+    if not m:
+        raise ValueError(f"not a vnethook nftables record line: {text!r}")
+    host_s, guest_s = m["host"], m["guest"]
+    family = 6 if guest_s.startswith("[") else 4
+    if host_s in ("*", "[*]"):
+        host = None
+        if (host_s == "[*]") != (family == 6):
+            raise ValueError(f"mixed families in {text!r}")
     else:
-        m = _HP_RE.match(text)
-        if not m:
-            raise ValueError(f"not a vnethook nftables record line: {text!r}")
-        guest = ipaddress.ip_address(m["guest"].strip("[]"))
-        e = HairpinElem(guest.version, _net(m["subnet"]), guest.compressed)
+        host = _addr(host_s.strip("[]"))
+    if m["proto"] not in PROTOCOLS:
+        raise ValueError(f"unknown protocol in {text!r}")
+    e = FwdElem(
+        family,
+        m["proto"],
+        host,
+        int(m["hport"]),
+        _net(m["src"]) if m["src"] else None,
+        _addr(guest_s.strip("[]")),
+        int(m["gport"]),
+    )
     if e.canonical() != text:
         raise ValueError(f"non-canonical record line: {text!r}")
     return e
@@ -319,8 +296,7 @@ def element_json(e: Elem, key: Optional[str]) -> Any:
     val: Any = e.key_json()
     if key is not None:
         val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
-    data = e.data_json()
-    return [val, data] if (data is not None and key is not None) else val
+    return [val, e.data_json()] if key is not None else val
 
 
 def element_commands(op: str, elems: Iterable[Elem], key: Optional[str] = None) -> List[dict]:
@@ -334,12 +310,12 @@ def element_commands(op: str, elems: Iterable[Elem], key: Optional[str] = None) 
     ]
 
 
-def _mark_match() -> dict:
-    return {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, MARK]}, "right": MARK}}
+def _mark_match(bit: int = MARK) -> dict:
+    return {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, bit]}, "right": bit}}
 
 
-def _mark_set() -> dict:
-    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, MARK]}}}
+def _mark_set(bit: int = MARK) -> dict:
+    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, bit]}}}
 
 
 def _loopback(family: int) -> Any:
@@ -379,6 +355,19 @@ def base_rules() -> List[dict]:
             {"dnat": {"family": spec.proto, "addr": {"map": {"key": spec.key_expr(), "data": "@" + spec.name}}}},
         ]
         rules.append(_rule("translate", expr))
+    rules.append(
+        _rule(
+            "hairpin",
+            [
+                # Cheapest test first: this base chain sees every packet.
+                _mark_match(),
+                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+                # The (DNATed) destination is routed out of the input interface.
+                {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["daddr", "iif"]}}, "right": True}},
+                _mark_set(MASQ),
+            ],
+        )
+    )
     for fam in (4, 6):
         proto = "ip" if fam == 4 else "ip6"
         rules.append(
@@ -391,22 +380,7 @@ def base_rules() -> List[dict]:
                 ],
             )
         )
-        rules.append(
-            _rule(
-                "postrouting",
-                [
-                    _mark_match(),
-                    {
-                        "match": {
-                            "op": "==",
-                            "left": {"concat": [_payload(proto, "saddr"), _payload(proto, "daddr")]},
-                            "right": "@" + HAIRPIN_SETS[fam],
-                        }
-                    },
-                    {"masquerade": None},
-                ],
-            )
-        )
+    rules.append(_rule("postrouting", [_mark_match(MASQ), {"masquerade": None}]))
     return rules
 
 
@@ -427,9 +401,6 @@ def declarations() -> str:
             f"add map {FAMILY} {TABLE} {spec.name} {{ type {' . '.join(spec.key_types())} : "
             f"{spec.addr_type} . inet_service;{flags} }}"
         )
-    for fam, name in HAIRPIN_SETS.items():
-        t = "ipv4_addr" if fam == 4 else "ipv6_addr"
-        lines.append(f"add set {FAMILY} {TABLE} {name} {{ type {t} . {t}; flags interval; }}")
     return "\n".join(lines) + "\n"
 
 
@@ -547,20 +518,14 @@ def _listed_port(v: Any) -> int:
 
 
 def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]]:
-    """One listed element of one of our maps/sets -> (element, owner key or None)."""
-    if set_name in _MAPS_BY_NAME:
-        val, data = entry
-    else:
-        val, data = entry, None
+    """One listed element of one of our maps -> (element, owner key or None)."""
+    val, data = entry
     comment = None
     if isinstance(val, dict) and "elem" in val:
         comment = val["elem"].get("comment")
         val = val["elem"]["val"]
     parts = val["concat"] if isinstance(val, dict) and "concat" in val else [val]
     key = comment[len(COMMENT_PREFIX) :] if isinstance(comment, str) and comment.startswith(COMMENT_PREFIX) else None
-    if set_name in _HAIRPIN_FAMILY:
-        subnet, guest = parts
-        return HairpinElem(_HAIRPIN_FAMILY[set_name], _listed_net(subnet), _listed_addr(guest)), key
     spec = _MAPS_BY_NAME[set_name]
     parts = list(parts)
     host = _listed_addr(parts.pop(0)) if spec.host else None
@@ -581,13 +546,13 @@ def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]
 
 
 def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
-    """(set name, raw element) for every element of our maps/sets in a table listing."""
+    """(map name, raw element) for every element of our maps in a table listing."""
     for o in listing:
-        s = o.get("map") or o.get("set")
+        s = o.get("map")
         if not s or s.get("table") != TABLE or s.get("family") != FAMILY:
             continue
         name = s.get("name")
-        if name not in _MAPS_BY_NAME and name not in _HAIRPIN_FAMILY:
+        if name not in _MAPS_BY_NAME:
             continue
         for entry in s.get("elem") or ():
             yield name, entry
@@ -763,7 +728,7 @@ class NftablesBackend(Backend):
     @staticmethod
     def _check_table(listing: List[dict], snap: Snapshot) -> None:
         chains = {o["chain"]["name"] for o in listing if "chain" in o}
-        sets = {(o.get("map") or o.get("set"))["name"] for o in listing if "map" in o or "set" in o}
+        sets = {o["map"]["name"] for o in listing if "map" in o}
         counts: Dict[str, int] = {}
         for o in listing:
             if "rule" in o:
@@ -782,10 +747,10 @@ class NftablesBackend(Backend):
                     f"chain {name} of table {FAMILY} {TABLE} has {counts.get(name, 0)} rules, "
                     f"expected {expected.get(name, 0)}"
                 )
-        for name in list(_MAPS_BY_NAME) + list(_HAIRPIN_FAMILY):
+        for name in _MAPS_BY_NAME:
             if name not in sets:
                 snap.base_ok = False
-                snap.problems.append(f"map/set {name} missing from table {FAMILY} {TABLE}")
+                snap.problems.append(f"map {name} missing from table {FAMILY} {TABLE}")
 
     def flush(self) -> None:
         err = None
