@@ -611,10 +611,13 @@ class Sandbox:
                        dhcp_range: Optional[Tuple[str, str]] = None,
                        static_hosts: Iterable[Sequence[str]] = (),
                        ipv6: Optional[str] = None, forward: Optional[str] = "nat",
-                       start: bool = True) -> str:
+                       start: bool = True, dnsmasq_options: Sequence[str] = ("no-ping",)) -> str:
         """Define (and by default start) a network. static_hosts: (mac, ip[, name]).
         ipv6: a CIDR like "2001:db8:1::/64" (host side gets ::1, DHCPv6 range
-        ::100-::1ff). Returns the network XML that was defined."""
+        ::100-::1ff). dnsmasq_options: extra dnsmasq options through libvirt's
+        dnsmasq XML namespace. The default ("no-ping",) skips dnsmasq's ~3 s
+        ping check before each new lease (0.1 s instead of 3.1 s per DHCP);
+        pass () for libvirt's exact stock config. Returns the defined XML."""
         net4 = ipaddress.ip_network(subnet)
         root = ET.Element("network")
         ET.SubElement(root, "name").text = name
@@ -638,6 +641,12 @@ class Sandbox:
             d6 = ET.SubElement(ip6, "dhcp")
             ET.SubElement(d6, "range", start=str(net6.network_address + 0x100),
                           end=str(net6.network_address + 0x1ff))
+        if dnsmasq_options:
+            ns = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+            ET.register_namespace("dnsmasq", ns)
+            opts = ET.SubElement(root, f"{{{ns}}}options")
+            for o in dnsmasq_options:
+                ET.SubElement(opts, f"{{{ns}}}option", value=o)
         xml = ET.tostring(root, encoding="unicode")
         self.virsh_define("net-define", xml)
         if start:

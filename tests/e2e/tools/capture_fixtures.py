@@ -56,7 +56,7 @@ def capture(outdir: str, backend: str, full: bool) -> list:
 
             sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24",
                               static_hosts=[(MAC2, "192.0.2.10", "web2")],
-                              ipv6="2001:db8:1::/64")
+                              ipv6="2001:db8:1::/64", dnsmasq_options=())
             done.append("virsh net-define (192.0.2.0/24 + 2001:db8:1::/64, static host "
                         f"{MAC2}=192.0.2.10 web2) && virsh net-start vnhnet")
             copy("/run/libvirt/network/vnhnet.xml", f"run-network-vnhnet.{backend}.xml")
