@@ -488,6 +488,8 @@ class Sandbox:
         self.holder = None
         if errors:
             print("sandbox teardown problems: " + "; ".join(errors), file=sys.stderr)
+        if self._own_tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def _virsh_names(self, args: List[str], errors: List[str]) -> List[str]:
         try:
