@@ -148,10 +148,17 @@ class IptablesNftBackend(Backend):
             old, new = old_by.get(fam, []), new_by.get(fam, [])
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             if new:
-                # Re-seat our jumps: deleting one that is missing fails the
-                # batch, which is how a vanished base sends us to the slow path.
+                # A missing jump (-C, or -D of FORWARD's) fails the batch,
+                # which is how a vanished base sends us to the slow path.
+                # FORWARD's jump is re-seated at position 1 every time, as
+                # libvirt may have put its own jumps ahead since; the nat
+                # jumps are only checked (every rule deletion makes the
+                # kernel wait for an RCU grace period, ~5 ms each here).
                 for j in ir.base_jumps(fam):
-                    sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
+                    if j.chain == "FORWARD":
+                        sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
+                    else:
+                        sections[j.table].append(f"-C {j.chain} {j.spec}")
             self._diff_lines(sections, old, new)
             try:
                 self._restore(fam, self._batch(sections))
@@ -242,12 +249,20 @@ class IptablesNftBackend(Backend):
             raise
 
     def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> None:
-        """Lines that make chains exist and every jump exist once, first."""
+        """Lines that make chains exist and every jump exist once (FORWARD's first).
+
+        Only what the listing shows wrong is touched: every rule deletion
+        costs the kernel an RCU grace period, so a healthy base costs nothing.
+        """
         for table, chains in ir.OUR_CHAINS.items():
             have = st.chains.get(table, set())
             sections[table] += [f":{c} - [0:0]" for c in chains if c not in have]
         for j in ir.base_jumps(fam):
-            for spec in st.jumps.get((j.table, j.chain), []):
+            found = st.jumps.get((j.table, j.chain), [])
+            ok = found == [j.spec] and (j.chain != "FORWARD" or st.first_forward == j.spec)
+            if ok:
+                continue
+            for spec in found:
                 sections[j.table].append(f"-D {j.chain} {spec}")
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
 
@@ -328,14 +343,6 @@ class IptablesNftBackend(Backend):
 
     def ensure_base(self) -> None:
         for fam in ir.FAMILIES:
-            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-            for j in ir.base_jumps(fam):
-                sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
-            try:
-                self._restore(fam, self._batch(sections))
-                continue
-            except FirewallError:
-                pass  # some part of the base is missing: look before fixing
             try:
                 st = self._state(fam)
             except FirewallError:
@@ -344,6 +351,7 @@ class IptablesNftBackend(Backend):
                 continue
             if not st.present:
                 continue  # nothing of ours here; apply() creates the base
-            sections = {"nat": [], "filter": []}
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             self._base_lines(fam, st, sections)
-            self._restore(fam, self._batch(sections))
+            if any(sections.values()):
+                self._restore(fam, self._batch(sections))
