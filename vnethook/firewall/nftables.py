@@ -48,6 +48,11 @@ Why this shape:
 - Base chains and their few rules are flushed and re-added inside every
   transaction: ``add table/chain/map`` are idempotent, ``flush chain`` +
   ``add rule`` makes the rules idempotent without listing anything.
+- When the last guest goes, everything goes (table and libvirt accepts),
+  so a host without forwards carries nothing of ours. "Last" is known
+  without listing the maps: set ``guests`` holds one marker element per
+  guest that has forwards (an IPv6-typed 128-bit hash of the key, with the
+  key as comment), and listing it is cheap.
 
 The ``nftables`` binding is imported lazily: the hook's fast paths never
 pay for it unless this backend is in use.
@@ -55,6 +60,7 @@ pay for it unless this backend is in use.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -127,6 +133,7 @@ MAPS: Tuple[MapSpec, ...] = tuple(
     for host, sourced in ((True, True), (True, False), (False, True), (False, False))
 )
 _MAPS_BY_NAME = {m.name: m for m in MAPS}
+GUESTS_SET = "guests"
 
 CHAINS = (
     # name, (type, hook, priority) or None for a regular chain
@@ -291,6 +298,18 @@ def parse_canonical(text: str) -> Elem:
     return e
 
 
+def guest_marker(key: str) -> str:
+    """The guest's element in set `guests`: 128 bits of hash, typed as IPv6."""
+    return str(ipaddress.IPv6Address(hashlib.sha256(key.encode("utf-8")).digest()[:16]))
+
+
+def marker_command(op: str, key: str) -> dict:
+    val: Any = guest_marker(key)
+    if op == "add":
+        val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
+    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": GUESTS_SET, "elem": [val]}}}
+
+
 def element_json(e: Elem, key: Optional[str]) -> Any:
     """The element as `add element` wants it (with comment) or `delete element` (key only)."""
     val: Any = e.key_json()
@@ -401,6 +420,7 @@ def declarations() -> str:
             f"add map {FAMILY} {TABLE} {spec.name} {{ type {' . '.join(spec.key_types())} : "
             f"{spec.addr_type} . inet_service;{flags} }}"
         )
+    lines.append(f"add set {FAMILY} {TABLE} {GUESTS_SET} {{ type ipv6_addr; }}")
     return "\n".join(lines) + "\n"
 
 
@@ -545,6 +565,20 @@ def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]
     return e, key
 
 
+def _marker_owners(listing: Sequence[dict]) -> List[str]:
+    """Guest keys named by the elements of set `guests` in a table listing."""
+    out = []
+    for o in listing:
+        s = o.get("set")
+        if not s or s.get("name") != GUESTS_SET or s.get("table") != TABLE or s.get("family") != FAMILY:
+            continue
+        for entry in s.get("elem") or ():
+            c = entry.get("elem", {}).get("comment") if isinstance(entry, dict) else None
+            if isinstance(c, str) and c.startswith(COMMENT_PREFIX):
+                out.append(c[len(COMMENT_PREFIX) :])
+    return out
+
+
 def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
     """(map name, raw element) for every element of our maps in a table listing."""
     for o in listing:
@@ -632,12 +666,13 @@ class NftablesBackend(Backend):
             cmds += libvirt_fix_commands(fam, listing)
         return cmds, problems
 
-    def _guest_elements(self, key: str) -> Dict[str, Elem]:
-        """Slow path: the key's elements as found in our table."""
+    def _guest_elements(self, key: str) -> Tuple[Dict[str, Elem], bool]:
+        """Slow path: the key's elements as found in our table, and whether its marker is there."""
         listing = self._list_table()
         found: Dict[str, Elem] = {}
         if listing is None:
-            return found
+            return found, False
+        marker = key in _marker_owners(listing)
         for set_name, entry in _set_items(listing):
             try:
                 e, owner = parse_listed_element(set_name, entry)
@@ -645,14 +680,17 @@ class NftablesBackend(Backend):
                 continue
             if owner == key:
                 found[e.canonical()] = e
-        return found
+        return found, marker
 
     # -- Backend interface
 
     def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
         want = render_elements(forwards)
+        if not want:
+            self.remove(key, previous)
+            return []
         record = sorted(want)
-        adds = element_commands("add", want.values(), key)
+        adds = element_commands("add", want.values(), key) + [marker_command("add", key)]
         if previous is not None:
             try:
                 prev = {t: parse_canonical(t) for t in previous}
@@ -668,7 +706,7 @@ class NftablesBackend(Backend):
                     return record
         err = None
         for _attempt in range(2):  # the second try re-lists after a race with libvirt
-            found = self._guest_elements(key)
+            found, _marker = self._guest_elements(key)
             fixes, _problems = self._libvirt_fixes()
             gone = [e for t, e in found.items() if t not in want]
             cmds = base_commands() + fixes + element_commands("delete", gone) + adds
@@ -678,30 +716,65 @@ class NftablesBackend(Backend):
         raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
     def remove(self, key: str, previous: Optional[List[str]]) -> None:
+        if previous == []:
+            return  # nothing was installed (apply() adds no marker without forwards)
         if previous is not None:
             try:
                 prev = [parse_canonical(t) for t in previous]
             except ValueError:
                 prev = None
             if prev is not None:
-                if not prev or self._transaction(element_commands("delete", prev)) is None:
+                cmds = element_commands("delete", prev) + [marker_command("delete", key)]
+                if self._transaction(cmds) is None:
+                    self._teardown_if_empty()
                     return
         err = None
         for _attempt in range(2):
-            found = self._guest_elements(key)
-            if not found:
-                return
-            err = self._transaction(element_commands("delete", found.values()))
+            found, marker = self._guest_elements(key)
+            cmds = element_commands("delete", found.values())
+            if marker:
+                cmds.append(marker_command("delete", key))
+            err = self._transaction(cmds)
             if err is None:
+                self._teardown_if_empty()
                 return
         raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+
+    def _list_guests_set(self) -> Optional[str]:
+        """Set `guests` in nft's text form (cheap), or None if it is missing."""
+        rc, out, _err = self._nft().cmd(f"list set {FAMILY} {TABLE} {GUESTS_SET}")
+        return (out or "") if rc == 0 else None
+
+    def _table_exists(self) -> bool:
+        # `list tables` makes libnftables 1.0.x fetch every set element of
+        # every table: only asked when the cheap `list set` failed.
+        if self._list_guests_set() is not None:
+            return True
+        rc, out, _err = self._nft().cmd(f"list tables {FAMILY}")
+        return rc == 0 and f"table {FAMILY} {TABLE}" in (out or "").splitlines()
+
+    def _teardown_if_empty(self) -> None:
+        """Remove table and accepts once no guest has forwards (see module doc)."""
+        guests = self._list_guests_set()
+        if guests is not None:
+            if "elements = {" in guests:
+                return
+        elif self._table_exists():
+            return  # our table without the marker set: not ours to judge, leave it
+        self.flush()
 
     def snapshot(self) -> Snapshot:
         snap = Snapshot()
         listing = self._list_table()
         if listing is None:
-            snap.base_ok = False
-            snap.problems.append(f"table {FAMILY} {TABLE} is missing")
+            # Nothing installed is a fine base, unless an accept was left behind.
+            for fam in LIBVIRT_FAMILIES:
+                if any((o.get("rule") or {}).get("comment") == TAG for o in self._list_libvirt_chain(fam) or ()):
+                    snap.base_ok = False
+                    snap.problems.append(
+                        f"accept rule in {fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN} without table {FAMILY} {TABLE}"
+                    )
+            return snap
         else:
             self._check_table(listing, snap)
             for set_name, entry in _set_items(listing):
@@ -714,6 +787,11 @@ class NftablesBackend(Backend):
                     snap.problems.append(f"untagged element in {set_name}: {e.canonical()}")
                     continue
                 snap.guests.setdefault(owner, set()).add(e.canonical())
+            markers = set(_marker_owners(listing))
+            for k in sorted(set(snap.guests) - markers):
+                snap.problems.append(f"guest {k} has forwards but no element in set {GUESTS_SET}")
+            for k in sorted(markers - set(snap.guests)):
+                snap.problems.append(f"guest {k} has an element in set {GUESTS_SET} but no forwards")
         for fam in LIBVIRT_FAMILIES:
             chain = self._list_libvirt_chain(fam)
             where = f"{fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
@@ -751,6 +829,9 @@ class NftablesBackend(Backend):
             if name not in sets:
                 snap.base_ok = False
                 snap.problems.append(f"map {name} missing from table {FAMILY} {TABLE}")
+        if not any(o.get("set", {}).get("name") == GUESTS_SET for o in listing):
+            snap.base_ok = False
+            snap.problems.append(f"set {GUESTS_SET} missing from table {FAMILY} {TABLE}")
 
     def flush(self) -> None:
         err = None
@@ -782,6 +863,9 @@ class NftablesBackend(Backend):
         raise FirewallError(f"nftables: cannot flush: {err}")
 
     def ensure_base(self) -> None:
+        if not self._table_exists():
+            self.flush()  # nothing installed: only drop accepts left behind, if any
+            return
         err = None
         for _attempt in range(2):
             fixes, _problems = self._libvirt_fixes()
