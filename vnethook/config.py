@@ -1,0 +1,1243 @@
+"""The YAML port map: discovery, validation, and a compiled cache for hooks.
+
+Why it is built this way:
+
+- The hook runs in libvirt's critical path on every guest event, and most
+  events happen when nothing in the port map changed. So the validated map is
+  compiled into a marshal blob keyed by the stat of every file involved;
+  a hook with a warm cache never imports yaml, difflib or ipaddress.
+- A broken map must be explained, not crash: every problem in every file is
+  collected and reported at once as FILE:LINE:COL, from the composed YAML
+  nodes (not constructed Python objects), because only nodes keep positions
+  and raw scalar text (so "5353:53" is never turned into a base-60 integer).
+- The map decides what the host exposes to the network, so like sshd's
+  StrictModes, files and directories others could write are refused.
+- YAML aliases are refused outright (not bounded): a port map never needs
+  them, and refusing them removes the "billion laughs" class of inputs and
+  any question of what an alias to a forward list would mean twice.
+- libyaml is quadratic in flow nesting depth and the composer recurses on the
+  C stack, so deep nesting is rejected before the YAML parser sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+MAX_FILE_SIZE = 1 << 20  # 1 MiB
+MAX_DEPTH = 1000  # YAML nesting; a port map needs 6
+CACHE_FORMAT = 1
+PROTOCOLS = ("tcp", "udp", "sctp")
+SETTING_CHOICES = {
+    "firewall": ("auto", "iptables-nft", "iptables-legacy", "nftables"),
+    "on_error": ("warn", "block"),
+    "lease_watch": ("auto", "systemd", "waiter", "off"),
+}
+TOP_KEYS = ("settings", "guests")
+GUEST_KEYS = ("address", "interface", "allow_outside_network", "forward")
+FORWARD_KEYS = ("host_port", "guest_port", "protocol", "host_address", "source")
+SHORT_FORM = "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL], e.g. 8080:80"
+_PORT_EXPECT = "expected a number 1-65535 or a range like 30000-30009"
+_RACY_NS = 3_000_000_000  # files changed this recently are also compared by content
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the map, where the user can find it (line/col 1-based, 0 = whole file)."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        if self.line and self.col:
+            return f"{self.file}:{self.line}:{self.col}: {self.message}"
+        if self.line:
+            return f"{self.file}:{self.line}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The port map is unusable; `problems` says every reason at once."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+@dataclass(frozen=True)
+class PortRule:
+    """One forward as written for a guest; the planner adds the guest side.
+
+    Kept apart from model.Forward because the guest's address, NIC and family
+    are not known until the guest runs.
+    """
+
+    protocol: str
+    host_address: str | None
+    host_ports: tuple[int, int]
+    guest_ports: tuple[int, int]
+    sources: tuple[str, ...]
+    origin: str  # "file:line"
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """Everything the map says about one libvirt domain."""
+
+    name: str
+    addresses: tuple[str, ...]
+    interface: str | None
+    allow_outside_network: bool
+    forwards: tuple[PortRule, ...]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Global knobs; defaults apply when no file sets them."""
+
+    firewall: str = "auto"
+    on_error: str = "warn"
+    lease_watch: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated map of all files (guests keep file order)."""
+
+    settings: Settings
+    guests: dict[str, GuestConfig]
+    files: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------
+# Discovery and the stat snapshot (stdlib only: shared with the fast path)
+
+
+def _is_default(config: str) -> bool:
+    from vnethook.paths import DEFAULT_CONFIG_DIR
+
+    return os.path.normpath(config) == os.path.normpath(DEFAULT_CONFIG_DIR)
+
+
+def _layout(config: str):
+    """Return (dirs, files, problems) that make up the map at `config`.
+
+    dirs are the directories whose permissions guard the map; files are
+    candidates in load order. Nothing is opened here.
+    """
+    try:
+        st = os.stat(config)
+    except FileNotFoundError:
+        if _is_default(config):
+            return [], [], []
+        return [], [], [Problem(config, 0, 0, "no such file or directory (expected a port map file or directory)")]
+    except OSError as e:
+        return [], [], [Problem(config, 0, 0, f"cannot access: {e.strerror}")]
+    if not _S_ISDIR(st.st_mode):
+        return [], [config], []
+    dirs = [config]
+    files = []
+    main = os.path.join(config, "ports.yaml")
+    if os.path.lexists(main):
+        files.append(main)
+    dropins = os.path.join(config, "ports.d")
+    problems = []
+    if os.path.lexists(dropins):
+        try:
+            names = os.listdir(dropins)
+        except NotADirectoryError:
+            problems.append(Problem(dropins, 0, 0, "not a directory (expected a directory of *.yaml files)"))
+        except OSError as e:
+            problems.append(Problem(dropins, 0, 0, f"cannot read directory: {e.strerror}"))
+        else:
+            dirs.append(dropins)
+            files.extend(
+                os.path.join(dropins, n) for n in sorted(names) if n.endswith(".yaml") and not n.startswith(".")
+            )
+    return dirs, files, problems
+
+
+def _S_ISDIR(mode: int) -> bool:
+    return (mode & 0o170000) == 0o040000
+
+
+def _S_ISREG(mode: int) -> bool:
+    return (mode & 0o170000) == 0o100000
+
+
+def config_files(paths) -> list[str]:
+    """The files that make up the map, in load order, existing ones only."""
+    _, files, _ = _layout(paths.config)
+    return [f for f in files if os.path.isfile(f)]
+
+
+def _stat_key(st) -> tuple:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev, st.st_mode, st.st_uid)
+
+
+def _snapshot(config: str):
+    """Stat everything the map depends on, for the cache key.
+
+    The directory listing itself is part of the key (a new or removed
+    drop-in changes it), so directory mtimes need not be trusted.
+    """
+    dirs, files, problems = _layout(config)
+    if problems:
+        return None
+    dkeys = []
+    for d in dirs:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return None
+        dkeys.append((d, st.st_ino, st.st_dev, st.st_mode, st.st_uid))
+    fkeys = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            return None
+        fkeys.append((f,) + _stat_key(st))
+    try:
+        me = os.stat(__file__)
+        code = (me.st_mtime_ns, me.st_size)
+    except OSError:
+        code = None
+    return (CACHE_FORMAT, config, os.geteuid(), code, tuple(dkeys), tuple(fkeys))
+
+
+# --------------------------------------------------------------------------
+# The cache
+
+
+def _read_cache(paths):
+    """Return the unmarshalled blob if it is ours and trustworthy, else None."""
+    import marshal
+
+    try:
+        fd = os.open(paths.config_cache, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022 or not _S_ISREG(st.st_mode):
+            return None
+        if st.st_size > 16 * MAX_FILE_SIZE:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        blob = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not isinstance(blob, tuple) or len(blob) != 4 or blob[0] != CACHE_FORMAT:
+        return None
+    return blob
+
+
+def _cache_matches(blob, paths) -> bool:
+    _, key, racy, _ = blob
+    if _snapshot(paths.config) != key:
+        return False
+    for path, content in racy:
+        try:
+            with open(path, "rb") as f:
+                if f.read(MAX_FILE_SIZE + 1) != content:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def _to_blob(cfg: Config) -> tuple:
+    s = cfg.settings
+    guests = tuple(
+        (
+            g.name,
+            g.addresses,
+            g.interface,
+            g.allow_outside_network,
+            tuple((r.protocol, r.host_address, r.host_ports, r.guest_ports, r.sources, r.origin) for r in g.forwards),
+            g.origin,
+        )
+        for g in cfg.guests.values()
+    )
+    return ((s.firewall, s.on_error, s.lease_watch), guests, cfg.files)
+
+
+def _from_blob(data) -> Config:
+    settings, guests, files = data
+    out = {}
+    for name, addrs, iface, allow, rules, origin in guests:
+        fw = tuple(PortRule(p, h, tuple(hp), tuple(gp), tuple(src), o) for p, h, hp, gp, src, o in rules)
+        out[name] = GuestConfig(name, tuple(addrs), iface, bool(allow), fw, origin)
+    return Config(Settings(*settings), out, tuple(files))
+
+
+def _write_cache(paths, key, racy, cfg: Config) -> None:
+    import marshal
+
+    blob = marshal.dumps((CACHE_FORMAT, key, racy, _to_blob(cfg)))
+    target = paths.config_cache
+    tmp = f"{target}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError:
+        # The cache is only an optimization; a read-only state dir must not
+        # turn a valid map into a failure.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def load_config_cached(paths) -> Config:
+    """load_config(), but from the compiled cache when nothing changed."""
+    blob = _read_cache(paths)
+    if blob is not None:
+        try:
+            if _cache_matches(blob, paths):
+                return _from_blob(blob[3])
+        except Exception:  # a corrupt blob is a cache miss, never a failure
+            pass
+    import time
+
+    before = _snapshot(paths.config)
+    now = time.time_ns()
+    cfg, contents = _load(paths)
+    if before is not None and _snapshot(paths.config) == before:
+        racy = tuple(
+            (f[0], contents[f[0]])
+            for f in before[5]
+            if f[0] in contents and max(f[1], f[2]) >= now - _RACY_NS
+        )
+        _write_cache(paths, before, racy, cfg)
+    return cfg
+
+
+def guest_names_fast(paths) -> frozenset | None:
+    """The configured guest names from a valid warm cache, or None if unknown.
+
+    Lets a hook skip guests without forwards without building the Config.
+    """
+    blob = _read_cache(paths)
+    if blob is None:
+        return None
+    try:
+        if not _cache_matches(blob, paths):
+            return None
+        return frozenset(g[0] for g in blob[3][1])
+    except Exception:
+        return None
+
+
+def on_error_hint(paths) -> str:
+    """Best effort "block" or "warn", even when the map is broken.
+
+    So that a user who asked for `on_error: block` gets blocked guest starts
+    while the map is broken, instead of silently unpublished ports. When the
+    YAML does not even parse, any evidence of "block" wins: the last good
+    map (from the cache) or a plain `on_error: block` line in the text.
+    """
+    try:
+        return load_config_cached(paths).settings.on_error
+    except ConfigError:
+        pass
+    except Exception:
+        return "warn"
+    try:
+        return _hint_from_broken(paths)
+    except Exception:
+        return "warn"
+
+
+def _hint_from_broken(paths) -> str:
+    import re
+
+    _, files, _ = _layout(paths.config)
+    found = set()
+    syntax_broken = False
+    yaml, loader = _yaml()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read(MAX_FILE_SIZE)
+        except OSError:
+            continue
+        text = data.decode("utf-8", "replace")
+        node = None
+        ok = len(data) < MAX_FILE_SIZE and _nesting_ok(text)
+        if ok:
+            try:
+                node = yaml.compose(text, Loader=loader)
+            except Exception:
+                ok = False
+        if ok:
+            value = _settings_value(yaml, node, "on_error")
+            if value in SETTING_CHOICES["on_error"]:
+                found.add(value)
+            continue
+        syntax_broken = True
+        for m in re.finditer(r"(?m)^[ \t]*on_error[ \t]*:[ \t]*[\"']?(block|warn)[\"']?[ \t]*(#.*)?$", text):
+            found.add(m.group(1))
+    if syntax_broken:
+        blob = _read_cache(paths)
+        try:
+            if blob is not None and blob[3][0][1] in SETTING_CHOICES["on_error"]:
+                found.add(blob[3][0][1])
+        except Exception:
+            pass
+    return "block" if "block" in found else "warn"
+
+
+def _settings_value(yaml, node, key):
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == "settings" and isinstance(v, yaml.MappingNode):
+            for sk, sv in v.value:
+                if isinstance(sk, yaml.ScalarNode) and sk.value == key and isinstance(sv, yaml.ScalarNode):
+                    return sv.value
+    return None
+
+
+# --------------------------------------------------------------------------
+# The slow path: read, compose, validate
+
+
+def _yaml():
+    import yaml
+
+    return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_config(paths) -> Config:
+    """Parse and validate the whole map; raise ConfigError with every problem."""
+    return _load(paths)[0]
+
+
+def _load(paths):
+    """Return (Config, {file: bytes read}); the bytes feed the racy cache check."""
+    v = _Validator()
+    dirs, files, problems = _layout(paths.config)
+    v.problems.extend((-1, p) for p in problems)
+    refused_dirs = set()
+    for d in dirs:
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            v.add_plain(-1, d, f"cannot access: {e.strerror}")
+            refused_dirs.add(d)
+            continue
+        if _refuse(v, -1, d, st):
+            refused_dirs.add(d)
+    contents = {}
+    read = []
+    for index, f in enumerate(files):
+        if any(os.path.dirname(f) == d or d == paths.config for d in refused_dirs):
+            continue
+        data = _read_file(v, index, f)
+        if data is None:
+            continue
+        contents[f] = data
+        read.append(f)
+        v.check_file(index, f, data)
+    v.check_conflicts()
+    if v.problems:
+        v.problems.sort(key=lambda p: (p[0], p[1].line, p[1].col))
+        raise ConfigError([p for _, p in v.problems])
+    cfg = Config(Settings(**v.settings), v.guests, tuple(read))
+    return cfg, contents
+
+
+def _refuse(v, index, path, st) -> bool:
+    """sshd-StrictModes-like ownership and mode check; True if refused."""
+    euid = os.geteuid()
+    refused = False
+    if st.st_uid not in (0, euid):
+        who = "root" if euid == 0 else f"root or uid {euid}"
+        v.add_plain(index, path, f"refusing: owned by uid {st.st_uid}, not by {who} (chown root {path})")
+        refused = True
+    w = st.st_mode & 0o022
+    if w:
+        whom = {0o020: "group", 0o002: "others", 0o022: "group and others"}[w]
+        v.add_plain(index, path, f"refusing: writable by {whom} (chmod go-w {path})")
+        refused = True
+    return refused
+
+
+def _read_file(v, index, path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        v.add_plain(index, path, f"cannot read: {e.strerror}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if not _S_ISREG(st.st_mode):
+            v.add_plain(index, path, "not a regular file (expected a YAML file)")
+            return None
+        if _refuse(v, index, path, st):
+            return None
+        if st.st_size > MAX_FILE_SIZE:
+            v.add_plain(index, path, f"refusing: file is larger than 1 MiB ({st.st_size} bytes)")
+            return None
+        chunks = []
+        total = 0
+        while total <= MAX_FILE_SIZE:
+            chunk = os.read(fd, MAX_FILE_SIZE + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
+        if len(data) > MAX_FILE_SIZE:
+            v.add_plain(index, path, "refusing: file is larger than 1 MiB")
+            return None
+        return data
+    except OSError as e:
+        v.add_plain(index, path, f"cannot read: {e.strerror}")
+        return None
+    finally:
+        os.close(fd)
+
+
+def _nesting_problem(text: str):
+    """Return (offset, message) if flow nesting is too deep for libyaml, else None.
+
+    Counts brackets without regard to quoting, so it can only overestimate;
+    it runs only when there are enough brackets to matter at all.
+    """
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    import re
+
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return m.start(), f"nesting deeper than {MAX_DEPTH} levels (expected a port map, which needs 6)"
+        elif depth:
+            depth -= 1
+    return None
+
+
+def _nesting_ok(text: str) -> bool:
+    return _nesting_problem(text) is None and (text.count("-") + text.count("?") <= MAX_DEPTH)
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    start = text.rfind("\n", 0, offset) + 1
+    return line, offset - start + 1
+
+
+def _suggest(word: str, choices) -> str | None:
+    import difflib
+
+    if word.lower() in choices:
+        return word.lower()
+    m = difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _one_of(choices) -> str:
+    return ", ".join(choices)
+
+
+class _Rule:
+    __slots__ = ("rule", "guest", "file", "findex", "line", "col", "order", "families", "loopback", "family")
+
+    def __init__(self, rule, guest, file, findex, line, col, order, families, loopback, family):
+        self.rule = rule
+        self.findex = findex
+        self.guest = guest
+        self.file = file
+        self.line = line
+        self.col = col
+        self.order = order
+        self.families = families
+        self.loopback = loopback
+        self.family = family
+
+
+class _Validator:
+    """Walks composed nodes of each file and collects (file_index, Problem)."""
+
+    def __init__(self):
+        self.problems: list[tuple[int, Problem]] = []
+        self.settings: dict[str, str] = {}
+        self.setting_at: dict[str, str] = {}
+        self.guests: dict[str, GuestConfig] = {}
+        self.guest_at: dict[str, str] = {}
+        self.rules: list[_Rule] = []
+        self.index = 0
+        self.file = ""
+
+    # -- plumbing
+
+    def add_plain(self, index, file, message):
+        self.problems.append((index, Problem(file, 0, 0, message)))
+
+    def add(self, node_or_mark, message):
+        mark = getattr(node_or_mark, "start_mark", node_or_mark)
+        self.problems.append((self.index, Problem(self.file, mark.line + 1, mark.column + 1, message)))
+
+    def at(self, node) -> str:
+        return f"{self.file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def what(self, node) -> str:
+        y = self.yaml
+        if isinstance(node, y.MappingNode):
+            return "a mapping"
+        if isinstance(node, y.SequenceNode):
+            return "a list"
+        tag = node.tag.rsplit(":", 1)[-1]
+        return {
+            "int": f"the number {node.value}",
+            "float": f"the number {node.value}",
+            "bool": f"the boolean {node.value}",
+            "null": "empty",
+            "timestamp": f"the date {node.value}",
+        }.get(tag, f"the string '{node.value}'")
+
+    def is_null(self, node) -> bool:
+        return isinstance(node, self.yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+    def items(self, node, context, known):
+        """Yield (key, key_node, value_node) of a mapping, reporting bad keys."""
+        y = self.yaml
+        seen: dict[str, object] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, y.ScalarNode):
+                self.add(knode, f"key {context} is {self.what(knode)} (expected a name)")
+                continue
+            key = knode.value
+            if key in seen:
+                first = seen[key]
+                self.add(
+                    knode,
+                    f"duplicate key '{key}' (first at line {first.start_mark.line + 1},"
+                    f" column {first.start_mark.column + 1}; expected each key once)",
+                )
+                continue
+            seen[key] = knode
+            if known is not None and key not in known:
+                self.unknown(knode, key, vnode, context, known)
+                continue
+            yield key, knode, vnode
+
+    def unknown(self, knode, key, vnode, context, known):
+        y = self.yaml
+        if "host_port" in known and isinstance(vnode, y.ScalarNode) and _digits(key):
+            self.add(knode, f"unknown key '{key}' {context} (did you mean \"{key}:{vnode.value}\"? a space after ':' makes a mapping)")
+            return
+        hint = _suggest(key, known)
+        if hint:
+            self.add(knode, f"unknown key '{key}' {context} (did you mean '{hint}'?)")
+        else:
+            self.add(knode, f"unknown key '{key}' {context} (expected one of: {_one_of(known)})")
+
+    # -- files
+
+    def check_file(self, index, path, data):
+        self.index, self.file = index, path
+        y, loader = _yaml()
+        self.yaml = y
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            start = data.rfind(b"\n", 0, e.start) + 1
+            col = len(data[start : e.start].decode("utf-8", "replace")) + 1
+            self.problems.append(
+                (index, Problem(path, line, col, f"not valid UTF-8: byte 0x{data[e.start]:02x} (expected a UTF-8 text file)"))
+            )
+            return
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        node = self.compose(text, y, loader)
+        if node is not None:
+            self.check_top(node)
+
+    def compose(self, text, y, loader):
+        nest = _nesting_problem(text)
+        if nest:
+            line, col = _line_col(text, nest[0])
+            self.problems.append((self.index, Problem(self.file, line, col, nest[1])))
+            return None
+        if "*" in text or text.count("-") + text.count("?") > MAX_DEPTH:
+            # Aliases and deep block nesting are only visible as events: the
+            # composer resolves aliases silently and recurses on nesting.
+            found = False
+            depth = 0
+            try:
+                for ev in y.parse(text, Loader=loader):
+                    if isinstance(ev, y.AliasEvent):
+                        self.add(ev, f"YAML alias '*{ev.anchor}' is not allowed (expected the value written out in full)")
+                        found = True
+                    elif isinstance(ev, (y.MappingStartEvent, y.SequenceStartEvent)):
+                        depth += 1
+                        if depth > MAX_DEPTH:
+                            self.add(ev, f"nesting deeper than {MAX_DEPTH} levels (expected a port map, which needs 6)")
+                            return None
+                    elif isinstance(ev, (y.MappingEndEvent, y.SequenceEndEvent)):
+                        depth -= 1
+            except y.MarkedYAMLError as e:
+                self.syntax(e, text)
+                return None
+            except y.YAMLError:
+                found = False  # a ReaderError: compose below reports it
+            if found:
+                return None
+        try:
+            return y.compose(text, Loader=loader)
+        except y.MarkedYAMLError as e:
+            self.syntax(e, text)
+        except y.YAMLError as e:  # ReaderError: bad characters
+            pos = getattr(e, "position", 0) or 0
+            line, col = _line_col(text, pos)
+            ch = getattr(e, "character", None)
+            if isinstance(ch, int):
+                ch = chr(ch)
+            desc = f"U+{ord(ch):04X}" if isinstance(ch, str) and ch else "a character"
+            self.problems.append(
+                (self.index, Problem(self.file, line, col, f"character {desc} is not allowed in YAML (expected printable text)"))
+            )
+        except RecursionError:
+            self.problems.append((self.index, Problem(self.file, 1, 1, "nesting too deep (expected a port map)")))
+        return None
+
+    def syntax(self, e, text):
+        mark = e.problem_mark or e.context_mark
+        if mark is None:
+            self.problems.append((self.index, Problem(self.file, 1, 1, f"YAML syntax error: {e}")))
+            return
+        lines = text.split("\n")
+        ch = ""
+        if mark.line < len(lines) and mark.column < len(lines[mark.line]):
+            ch = lines[mark.line][mark.column]
+        problem = e.problem or "invalid YAML"
+        if ch == "\t":
+            msg = "tab character where YAML expects spaces (expected spaces for indentation)"
+        elif problem == "but found another document":
+            msg = "a second YAML document (expected a single document; remove the extra '---')"
+        elif problem == "found undefined alias":
+            msg = "YAML aliases are not allowed (expected the value written out in full)"
+        else:
+            msg = f"YAML syntax error: {problem}"
+            if e.context:
+                ctx = e.context
+                cm = e.context_mark
+                if cm is not None and (cm.line, cm.column) != (mark.line, mark.column):
+                    ctx += f" started at line {cm.line + 1}, column {cm.column + 1}"
+                msg += f" ({ctx})"
+        self.add(mark, msg)
+
+    # -- structure
+
+    def check_top(self, node):
+        y = self.yaml
+        if self.is_null(node):
+            return
+        if not isinstance(node, y.MappingNode):
+            self.add(node, f"the top level is {self.what(node)} (expected a mapping with 'settings' and/or 'guests')")
+            return
+        for key, knode, vnode in self.items(node, "at the top level", TOP_KEYS):
+            if key == "settings":
+                self.check_settings(vnode)
+            else:
+                self.check_guests(vnode)
+
+    def check_settings(self, node):
+        y = self.yaml
+        if self.is_null(node):
+            return
+        if not isinstance(node, y.MappingNode):
+            self.add(node, f"'settings' is {self.what(node)} (expected a mapping)")
+            return
+        for key, knode, vnode in self.items(node, "in settings", tuple(SETTING_CHOICES)):
+            choices = SETTING_CHOICES[key]
+            if not isinstance(vnode, y.ScalarNode) or self.is_null(vnode):
+                self.add(vnode, f"'{key}' is {self.what(vnode)} (expected one of: {_one_of(choices)})")
+                continue
+            value = vnode.value
+            if value not in choices:
+                hint = _suggest(value, choices)
+                tail = f"; did you mean '{hint}'?" if hint else ""
+                self.add(vnode, f"invalid {key} '{value}' (expected one of: {_one_of(choices)}{tail})")
+                continue
+            if key in self.setting_at:
+                self.add(knode, f"setting '{key}' is already set at {self.setting_at[key]} (expected each setting once across all files)")
+                continue
+            self.setting_at[key] = self.at(knode)
+            self.settings[key] = value
+
+    def check_guests(self, node):
+        y = self.yaml
+        if self.is_null(node):
+            return
+        if not isinstance(node, y.MappingNode):
+            self.add(node, f"'guests' is {self.what(node)} (expected a mapping of guest names)")
+            return
+        for name, knode, vnode in self.items(node, "in guests", None):
+            if name == "":
+                self.add(knode, "empty guest name (expected a libvirt domain name)")
+                continue
+            if name in self.guest_at:
+                self.add(knode, f"guest '{name}' is already defined at {self.guest_at[name]} (expected each guest once across all files)")
+                continue
+            self.guest_at[name] = self.at(knode)
+            self.check_guest(name, knode, vnode)
+
+    def check_guest(self, name, knode, node):
+        y = self.yaml
+        addresses: tuple[str, ...] = ()
+        interface = None
+        allow = False
+        fnode = None
+        if isinstance(node, y.SequenceNode):
+            fnode = node
+        elif isinstance(node, y.MappingNode):
+            for key, kn, vn in self.items(node, f"in guest '{name}'", GUEST_KEYS):
+                if key == "address":
+                    addresses = self.guest_addresses(vn)
+                elif key == "interface":
+                    interface = self.interface(vn)
+                elif key == "allow_outside_network":
+                    allow = self.boolean(key, vn)
+                else:
+                    fnode = vn
+        elif not self.is_null(node):
+            self.add(node, f"guest '{name}' is {self.what(node)} (expected a list of forwards, or a mapping with 'forward')")
+            return
+        families = frozenset(6 if ":" in a else 4 for a in addresses) or frozenset((4, 6))
+        rules = []
+        if fnode is not None and not self.is_null(fnode):
+            if not isinstance(fnode, y.SequenceNode):
+                self.add(fnode, f"'forward' of guest '{name}' is {self.what(fnode)} (expected a list)")
+            else:
+                for item in fnode.value:
+                    rule = self.forward(item)
+                    if rule is None:
+                        continue
+                    if rule.host_address is not None and addresses:
+                        fam = 6 if ":" in rule.host_address else 4
+                        if fam not in families:
+                            have = "IPv4" if fam == 6 else "IPv6"
+                            want = "IPv6" if fam == 6 else "IPv4"
+                            self.add(
+                                item,
+                                f"host address {rule.host_address} is {want} but guest '{name}' has only an {have}"
+                                f" address (expected an {have} host address, or an {want} 'address' for the guest)",
+                            )
+                            continue
+                    rules.append(rule)
+                    fam = None if rule.host_address is None else (6 if ":" in rule.host_address else 4)
+                    self.rules.append(
+                        _Rule(
+                            rule, name, self.file, self.index, item.start_mark.line + 1, item.start_mark.column + 1,
+                            len(self.rules), families if fam is None else frozenset((fam,)),
+                            rule.host_address is not None and rule.host_address.startswith("127."), fam,
+                        )
+                    )
+        self.guests[name] = GuestConfig(
+            name, addresses, interface, allow, tuple(rules), f"{self.file}:{knode.start_mark.line + 1}"
+        )
+
+    def boolean(self, key, node) -> bool:
+        if isinstance(node, self.yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            return node.value.lower() in ("true", "yes", "on", "y")
+        self.add(node, f"'{key}' is {self.what(node)} (expected true or false)")
+        return False
+
+    def interface(self, node) -> str | None:
+        import re
+
+        if not isinstance(node, self.yaml.ScalarNode) or self.is_null(node) or not node.value.strip():
+            self.add(node, f"'interface' is {self.what(node)} (expected a MAC address or a libvirt network name)")
+            return None
+        value = node.value.strip()
+        if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", value):
+            return value.lower()
+        if ":" in value and re.fullmatch(r"[0-9A-Fa-f:.-]+", value):
+            self.add(node, f"invalid MAC address '{value}' (expected six hex pairs like 52:54:00:aa:bb:02)")
+            return None
+        return value
+
+    def guest_addresses(self, node) -> tuple[str, ...]:
+        import ipaddress
+
+        y = self.yaml
+        if isinstance(node, y.SequenceNode):
+            items = node.value
+            if not items:
+                self.add(node, "empty 'address' list (expected one IPv4 and/or one IPv6 address)")
+        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
+            items = [node]
+        else:
+            self.add(node, f"'address' is {self.what(node)} (expected an address or a list of addresses)")
+            return ()
+        out: dict[int, str] = {}
+        for item in items:
+            if not isinstance(item, y.ScalarNode) or self.is_null(item):
+                self.add(item, f"guest address is {self.what(item)} (expected an IPv4 or IPv6 address)")
+                continue
+            text = item.value.strip()
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                if "/" in text:
+                    self.add(item, f"guest address '{text}' has a prefix length (expected a plain address like {text.split('/')[0]})")
+                else:
+                    self.add(item, f"invalid guest address '{text}' (expected an IPv4 or IPv6 address)")
+                continue
+            bad = _not_unicast(addr)
+            if bad or addr.is_loopback:
+                self.add(item, f"guest address {addr} is {bad or 'a loopback address'} (expected the guest's unicast address)")
+                continue
+            if addr.version in out:
+                self.add(item, f"second IPv{addr.version} address {addr} (expected at most one IPv4 and one IPv6 address)")
+                continue
+            out[addr.version] = str(addr)
+        return tuple(out[v] for v in (4, 6) if v in out)
+
+    # -- forwards
+
+    def forward(self, node) -> PortRule | None:
+        y = self.yaml
+        before = len(self.problems)
+        if isinstance(node, y.MappingNode):
+            parsed = self.forward_long(node)
+        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
+            parsed = self.forward_short(node)
+        else:
+            self.add(node, f"forward is {self.what(node)} (expected a string like \"8080:80\" or a mapping with 'host_port')")
+            return None
+        if parsed is None or len(self.problems) != before:
+            return None
+        proto, host, hp, gp, sources = parsed
+        return PortRule(proto, host, hp, gp, sources, f"{self.file}:{node.start_mark.line + 1}")
+
+    def forward_short(self, node):
+        raw = node.value
+        text = raw.strip()
+        host = None
+        rest = text
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0 or text[end + 1 : end + 2] != ":":
+                self.add(node, f"invalid forward '{raw}' ({SHORT_FORM})")
+                return None
+            host, rest = text[1:end], text[end + 2 :]
+        proto = "tcp"
+        if "/" in rest:
+            rest, proto = rest.rsplit("/", 1)
+        parts = rest.split(":")
+        if host is None and len(parts) == 3:
+            host, parts = parts[0], parts[1:]
+        if len(parts) == 1:
+            self.add(node, f"forward '{raw}' has no guest port ({SHORT_FORM})")
+            return None
+        if len(parts) != 2:
+            if host is None and text.count(":") > 3:
+                self.add(node, f"forward '{raw}': an IPv6 host address must be in brackets (expected e.g. \"[2001:db8::1]:8443:443\")")
+            else:
+                self.add(node, f"invalid forward '{raw}' ({SHORT_FORM})")
+            return None
+        hp = self.ports(parts[0], node, "host")
+        gp = self.ports(parts[1], node, "guest")
+        proto = self.protocol(proto, node)
+        if host is not None:
+            host = self.host_address(host, node)
+        if hp and gp:
+            self.same_length(hp, gp, node)
+        return proto, host, hp, gp, ()
+
+    def forward_long(self, node):
+        y = self.yaml
+        if len(node.value) == 1:
+            kn, vn = node.value[0]
+            if isinstance(kn, y.ScalarNode) and isinstance(vn, y.ScalarNode) and _digits(kn.value):
+                self.unknown(kn, kn.value, vn, "in forward", FORWARD_KEYS)
+                return None
+        fields = {}
+        for key, kn, vn in self.items(node, "in forward", FORWARD_KEYS):
+            fields[key] = (kn, vn)
+        if "host_port" not in fields:
+            self.add(node, "forward is missing 'host_port' (expected e.g. {host_port: 2222, guest_port: 22})")
+        hp = gp = None
+        if "host_port" in fields:
+            hp = self.port_field("host", fields["host_port"][1])
+        if "guest_port" in fields:
+            gnode = fields["guest_port"][1]
+            gp = self.port_field("guest", gnode)
+        else:
+            gnode, gp = node, hp
+        proto = "tcp"
+        if "protocol" in fields:
+            pnode = fields["protocol"][1]
+            if isinstance(pnode, y.ScalarNode) and not self.is_null(pnode):
+                proto = self.protocol(pnode.value, pnode)
+            else:
+                self.add(pnode, f"'protocol' is {self.what(pnode)} (expected one of: {_one_of(PROTOCOLS)})")
+        host = None
+        if "host_address" in fields:
+            anode = fields["host_address"][1]
+            if isinstance(anode, y.ScalarNode) and not self.is_null(anode):
+                value = anode.value.strip()
+                if value.startswith("[") and value.endswith("]"):
+                    value = value[1:-1]
+                host = self.host_address(value, anode)
+            else:
+                self.add(anode, f"'host_address' is {self.what(anode)} (expected an IPv4 or IPv6 address)")
+        sources: tuple[str, ...] = ()
+        if "source" in fields:
+            sources = self.sources(fields["source"][1], host)
+        if hp and gp:
+            self.same_length(hp, gp, gnode)
+        return proto, host, hp, gp, sources
+
+    def port_field(self, role, node):
+        if isinstance(node, self.yaml.ScalarNode) and not self.is_null(node):
+            return self.ports(node.value, node, role)
+        self.add(node, f"'{role}_port' is {self.what(node)} ({_PORT_EXPECT})")
+        return None
+
+    def ports(self, text, node, role) -> tuple[int, int] | None:
+        s = text.strip()
+        if s.isascii() and (s.isdigit() or (s.startswith("-") and s[1:].isdigit())):
+            lo = hi = int(s)
+        elif s.isascii() and s.count("-") == 1 and all(p.isdigit() for p in s.split("-")):
+            lo, hi = (int(p) for p in s.split("-"))
+        else:
+            self.add(node, f"invalid {role} port '{s}' ({_PORT_EXPECT})")
+            return None
+        ok = True
+        for p in (lo,) if lo == hi else (lo, hi):
+            if not 1 <= p <= 65535:
+                self.add(node, f"{role} port {p} out of range (expected 1-65535)")
+                ok = False
+        if ok and lo > hi:
+            self.add(node, f"reversed {role} port range {lo}-{hi} (expected low-high, e.g. {hi}-{lo})")
+            ok = False
+        return (lo, hi) if ok else None
+
+    def same_length(self, hp, gp, node):
+        n, m = hp[1] - hp[0] + 1, gp[1] - gp[0] + 1
+        if n == m:
+            return
+        if m == 1:
+            eg = f", e.g. {gp[0]}-{gp[0] + n - 1}" if gp[0] + n - 1 <= 65535 else ""
+            self.add(node, f"host port range {hp[0]}-{hp[1]} ({n} ports) maps to the single guest port {gp[0]} (expected a guest range of the same length{eg})")
+        elif n == 1:
+            self.add(node, f"host port {hp[0]} maps to guest port range {gp[0]}-{gp[1]} (expected a single guest port, or a host range of the same length)")
+        else:
+            self.add(node, f"host port range {hp[0]}-{hp[1]} has {n} ports but guest port range {gp[0]}-{gp[1]} has {m} (expected ranges of the same length)")
+
+    def protocol(self, text, node) -> str:
+        p = text.strip().lower()
+        if p not in PROTOCOLS:
+            self.add(node, f"unknown protocol '{text}' (expected one of: {_one_of(PROTOCOLS)})")
+        return p
+
+    def host_address(self, text, node) -> str | None:
+        import ipaddress
+
+        text = text.strip()
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            if "/" in text:
+                self.add(node, f"host address '{text}' is a network (expected a single address)")
+            else:
+                self.add(node, f"invalid host address '{text}' (expected an IPv4 or IPv6 address)")
+            return None
+        if addr.version == 6 and addr.scope_id:
+            self.add(node, f"host address '{text}' has a zone index (expected an address without %zone)")
+            return None
+        if addr.version == 6 and addr.is_loopback:
+            self.add(
+                node,
+                "host address ::1 is not supported: the kernel cannot DNAT IPv6 loopback traffic to another"
+                " host (expected 127.0.0.1 or a non-loopback address)",
+            )
+            return None
+        if addr.version == 6 and addr.ipv4_mapped:
+            self.add(node, f"host address {text} is IPv4-mapped (expected the plain IPv4 address {addr.ipv4_mapped})")
+            return None
+        bad = _not_unicast(addr)
+        if bad == "the unspecified address":
+            self.add(node, f"host address {addr} is the wildcard (expected a unicast address; leave the host address out to forward on every address)")
+            return None
+        if bad:
+            self.add(node, f"host address {addr} is {bad} (expected a unicast address)")
+            return None
+        return str(addr)
+
+    def sources(self, node, host) -> tuple[str, ...]:
+        import ipaddress
+
+        y = self.yaml
+        if isinstance(node, y.SequenceNode):
+            items = node.value
+            if not items:
+                self.add(node, "empty 'source' list (expected at least one address or network; leave 'source' out to allow everyone)")
+                return ()
+        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
+            items = [node]
+        else:
+            self.add(node, f"'source' is {self.what(node)} (expected an address, a network like 198.51.100.0/24, or a list of them)")
+            return ()
+        hfam = None if host is None else (6 if ":" in host else 4)
+        out: list[str] = []
+        for item in items:
+            if not isinstance(item, y.ScalarNode) or self.is_null(item):
+                self.add(item, f"source is {self.what(item)} (expected an address or a network like 198.51.100.0/24)")
+                continue
+            text = item.value.strip()
+            try:
+                net = ipaddress.ip_network(text)
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    self.add(item, f"invalid source '{text}' (expected an address or a network like 198.51.100.0/24)")
+                else:
+                    self.add(item, f"source '{text}' has host bits set (did you mean {loose}?)")
+                continue
+            if hfam is not None and net.version != hfam:
+                self.add(
+                    item,
+                    f"source {net} is IPv{net.version} but the host address {host} is IPv{hfam}"
+                    " (expected sources of the same family as the host address)",
+                )
+                continue
+            if str(net) not in out:
+                out.append(str(net))
+        return tuple(out)
+
+    # -- across files
+
+    def check_conflicts(self):
+        """Find forwards that claim the same host address, port and protocol.
+
+        A sweep over port ranges per protocol with heaps of the rules still
+        "open" at the current port: any open rule on the same address (or a
+        wildcard of the same family) overlaps. Linear-ish even for huge maps.
+        """
+        import heapq
+
+        reported = set()
+        by_proto: dict[str, list[_Rule]] = {}
+        for r in self.rules:
+            by_proto.setdefault(r.rule.protocol, []).append(r)
+        for group in by_proto.values():
+            group.sort(key=lambda r: (r.rule.host_ports[0], r.order))
+            exact: dict[str, list] = {}
+            wild: dict[int, list] = {4: [], 6: []}
+            explicit: dict[int, list] = {4: [], 6: []}
+            for r in group:
+                lo = r.rule.host_ports[0]
+                if r.family is not None:
+                    heaps = [exact.get(r.rule.host_address)]
+                    if not r.loopback:
+                        heaps.append(wild[r.family])
+                else:
+                    heaps = [h for f in sorted(r.families) for h in (wild[f], explicit[f])]
+                other = None
+                for h in heaps:
+                    while h and h[0][0] < lo:
+                        heapq.heappop(h)
+                    if h:
+                        other = h[0][2]
+                        break
+                if other is not None:
+                    later, earlier = (r, other) if r.order > other.order else (other, r)
+                    if later.order not in reported:
+                        reported.add(later.order)
+                        self.problems.append(
+                            (later.findex, Problem(later.file, later.line, later.col, _conflict(later, earlier)))
+                        )
+                item = (r.rule.host_ports[1], r.order, r)
+                if r.family is not None:
+                    heapq.heappush(exact.setdefault(r.rule.host_address, []), item)
+                    if not r.loopback:
+                        heapq.heappush(explicit[r.family], item)
+                else:
+                    for f in r.families:
+                        heapq.heappush(wild[f], item)
+
+
+def _digits(s: str) -> bool:
+    return s.isascii() and s.replace("-", "").isdigit()
+
+
+def _not_unicast(addr) -> str | None:
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_multicast:
+        return "a multicast address"
+    if addr.version == 4 and int(addr) == 0xFFFFFFFF:
+        return "the broadcast address"
+    return None
+
+
+def _describe(r: _Rule) -> str:
+    lo, hi = r.rule.host_ports
+    ports = f"port {lo}" if lo == hi else f"ports {lo}-{hi}"
+    where = r.rule.host_address or "every host address"
+    return f"{r.rule.protocol} {ports} on {where}"
+
+
+def _conflict(later: _Rule, earlier: _Rule) -> str:
+    return (
+        f"forward of {_describe(later)} overlaps {_describe(earlier)} of guest '{earlier.guest}'"
+        f" at {earlier.file}:{earlier.line}:{earlier.col}"
+        " (expected each host address, port and protocol to be forwarded only once)"
+    )
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def check_main(path: str | None) -> int:
+    """`vnethook check`: validate the map, print every problem or a summary."""
+    from vnethook.paths import get_paths
+
+    paths = get_paths(path)
+    try:
+        cfg = load_config(paths)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        print(f"{len(e.problems)} problem(s) in the port map", file=sys.stderr)
+        return 1
+    forwards = sum(len(g.forwards) for g in cfg.guests.values())
+    print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s)")
+    return 0
