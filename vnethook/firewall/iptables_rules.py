@@ -276,64 +276,6 @@ def family_state(family: int, tables: Dict[str, SavedTable]) -> FamilyState:
     return st
 
 
-def parse_rule(canonical: str) -> Rule:
-    """Inverse of Rule.canonical, for records this module rendered.
-
-    The legacy flavour needs rule objects to delete by exact spec; records
-    only hold text. Anything this module did not render raises ValueError,
-    which sends the caller to the slow (listing) path.
-    """
-    family, table, chain, spec = split_canonical(canonical)
-    toks = spec.replace('"', "").split(" ")
-    kw: dict = {}
-    i, neg = 0, False
-    try:
-        while i < len(toks):
-            t = toks[i]
-            if t == "!":
-                neg = True
-                i += 1
-                continue
-            if t == "-s":
-                kw["src"] = toks[i + 1]
-                i += 2
-            elif t == "-d":
-                kw["dst"], kw["dst_negated"] = toks[i + 1], neg
-                i += 2
-            elif t == "-p":
-                kw["protocol"] = toks[i + 1]
-                i += 2
-            elif t == "-m":
-                mod = toks[i + 1]
-                opt, val = toks[i + 2], toks[i + 3]
-                if mod == kw.get("protocol") and opt == "--dport":
-                    kw["dport"] = val
-                elif mod == "addrtype" and opt == "--dst-type" and val == "LOCAL":
-                    kw["addrtype_local"] = True
-                elif mod == "conntrack" and opt == "--ctstate":
-                    kw["ctstate"] = val
-                elif mod == "comment" and opt == "--comment":
-                    kw["comment"] = val
-                else:
-                    raise ValueError(mod)
-                i += 4
-            elif t == "-j":
-                kw["target"] = toks[i + 1]
-                i += 2
-            elif t == "--to-destination":
-                kw["to_destination"] = toks[i + 1]
-                i += 2
-            else:
-                raise ValueError(t)
-            neg = False
-    except (IndexError, ValueError) as e:
-        raise ValueError(f"cannot parse rule {canonical!r}: {e}") from None
-    rule = Rule(family, table, chain, **kw)
-    if rule.canonical != canonical:
-        raise ValueError(f"rule does not round-trip: {canonical!r}")
-    return rule
-
-
 def snapshot_from(states: Iterable[FamilyState]):
     """Build the engine's Snapshot from per-family listings."""
     from vnethook.firewall.base import Snapshot
