@@ -94,6 +94,7 @@ def test_unit_wiring():
     assert sync["Service"]["Type"] == "oneshot"
     # PartOf/ReloadPropagatedFrom only reach active units: it must stay active
     assert sync["Service"]["RemainAfterExit"] == "yes"
+    assert "1" in sync["Service"]["SuccessExitStatus"].split()  # a failed unit is not active either
     assert "firewalld.service" in sync["Unit"]["PartOf"].split()
     assert "firewalld.service" in sync["Unit"]["ReloadPropagatedFrom"].split()
     for after in ("libvirtd.service", "virtnetworkd.service", "firewalld.service"):
