@@ -253,7 +253,9 @@ def _forward_elements(f: Forward) -> List[Elem]:
     if nets:
         # Sources of the other family restrict nothing in this family; if
         # none is left, the forward must match nobody rather than everybody.
-        sources = [n.with_prefixlen for n in nets if n.version == f.family]
+        # Overlapping sources are merged: an interval map refuses overlaps.
+        mine = [n for n in nets if n.version == f.family]
+        sources = [n.with_prefixlen for n in ipaddress.collapse_addresses(mine)]  # type: ignore[arg-type]
     else:
         sources = [None]
     out: List[Elem] = []
