@@ -6,7 +6,8 @@ namespace with a fresh tmpfs on /run. So the maintainer scripts' `vnethook
 sync` and `vnethook flush` meet an empty firewall that vanishes afterwards
 (the root namespace's firewall is never touched), the host's
 /run/vnethook is neither used nor deleted, and no libvirt daemon of the
-host gets a SIGHUP (its pid file is not visible).
+host gets a SIGHUP (its pid file is not visible). A private PID namespace
+keeps prerm's search for a lease watcher from finding the host's.
 
 Also meant for other suites (e2e against the installed package): import
 `build_deb` and `installed`, or use the conftest fixtures.
@@ -25,7 +26,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Run argv with a private netns, mount namespace and /run. The script is a
 # constant; argv is passed as its positional parameters, never spliced in.
-_PRIVATE = ["unshare", "--net", "--mount", "--propagation", "private", "--",
+_PRIVATE = ["unshare", "--net", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--",
             "/bin/sh", "-c", 'mount -t tmpfs -o mode=0755 vnethook-test-run /run && exec "$@"', "sh"]
 
 
