@@ -374,3 +374,18 @@ def test_module_import_does_not_load_the_binding():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__file__.rsplit("/tests/", 1)[0])
     assert out.stdout.strip() == "False"
+
+
+def test_slow_path_names_clashes_with_other_guests(monkeypatch):
+    """The clash report is pure logic over a listing (here: the real one above)."""
+    backend = nb.NftablesBackend()
+    monkeypatch.setattr(backend, "_list_table", lambda: LISTING)
+    want = nb.render_elements([fwd(guest_address="192.0.2.12", host_ports=(8080, 8080)),
+                               fwd(guest_address="192.0.2.12", protocol="udp", host_ports=(53, 54),
+                                   guest_ports=(53, 54))])
+    found, marker, clashes = backend._guest_elements("k2", want)
+    assert marker and found == {"udp *:53 -> 192.0.2.11:53": nb.parse_canonical("udp *:53 -> 192.0.2.11:53")}
+    assert clashes == ["tcp *:8080 -> 192.0.2.10:80 (owned by k1)"]
+    other = nb.render_elements([fwd(protocol="udp", host_ports=(5353, 5353))])
+    _found, _marker, clashes = backend._guest_elements("k3", other)
+    assert clashes == ["udp *:5353 -> 192.0.2.11:53 (owned by nobody: untagged)"]

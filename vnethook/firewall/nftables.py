@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -668,13 +669,19 @@ class NftablesBackend(Backend):
             cmds += libvirt_fix_commands(fam, listing)
         return cmds, problems
 
-    def _guest_elements(self, key: str) -> Tuple[Dict[str, Elem], bool]:
-        """Slow path: the key's elements as found in our table, and whether its marker is there."""
+    def _guest_elements(
+        self, key: str, want: Optional[Dict[str, Elem]] = None
+    ) -> Tuple[Dict[str, Elem], bool, List[str]]:
+        """Slow path: the key's elements as found in our table, whether its
+        marker is there, and which wanted elements another owner already holds.
+        """
         listing = self._list_table()
         found: Dict[str, Elem] = {}
         if listing is None:
-            return found, False
+            return found, False, []
         marker = key in _marker_owners(listing)
+        wanted_keys = {(e.set_name, json.dumps(e.key_json())): t for t, e in (want or {}).items()}
+        clashes: List[str] = []
         for set_name, entry in _set_items(listing):
             try:
                 e, owner = parse_listed_element(set_name, entry)
@@ -682,7 +689,9 @@ class NftablesBackend(Backend):
                 continue
             if owner == key:
                 found[e.canonical()] = e
-        return found, marker
+            elif (set_name, json.dumps(e.key_json())) in wanted_keys:
+                clashes.append(f"{e.canonical()} (owned by {owner or 'nobody: untagged'})")
+        return found, marker, sorted(clashes)
 
     # -- Backend interface
 
@@ -708,7 +717,13 @@ class NftablesBackend(Backend):
                     return record
         err = None
         for _attempt in range(2):  # the second try re-lists after a race with libvirt
-            found, _marker = self._guest_elements(key)
+            found, _marker, clashes = self._guest_elements(key, want)
+            if clashes:
+                raise FirewallError(
+                    f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
+                    + "; ".join(clashes[:5])
+                    + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+                )
             fixes, _problems = self._libvirt_fixes()
             gone = [e for t, e in found.items() if t not in want]
             cmds = base_commands() + fixes + element_commands("delete", gone) + adds
@@ -732,7 +747,7 @@ class NftablesBackend(Backend):
                     return
         err = None
         for _attempt in range(2):
-            found, marker = self._guest_elements(key)
+            found, marker, _clashes = self._guest_elements(key)
             cmds = element_commands("delete", found.values())
             if marker:
                 cmds.append(marker_command("delete", key))
