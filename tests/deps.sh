@@ -16,7 +16,8 @@ BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptab
 # `--runtime`: just enough for ./try-it; otherwise also the test and packaging tools.
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
-           dpkg-dev debhelper dh-python python3-all python3-setuptools lintian rpm systemd fakeroot)
+           dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+           lintian rpm systemd fakeroot bash-completion)
 fi
 LIBVIRT=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network)
 

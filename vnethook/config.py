@@ -401,7 +401,8 @@ def _hint_from_broken(paths) -> str:
                 found.add(value)
             continue
         syntax_broken = True
-        for m in re.finditer(r"(?m)^[ \t]*on_error[ \t]*:[ \t]*[\"']?(block|warn)[\"']?[ \t]*(#.*)?$", text):
+        # block style (`on_error: block`) or flow style (`{on_error: block}`)
+        for m in re.finditer(r"(?m)(?:^|[{,])[ \t]*[\"']?on_error[\"']?[ \t]*:[ \t]*[\"']?(block|warn)\b", text):
             found.add(m.group(1))
     if syntax_broken:
         blob = _read_cache(paths)

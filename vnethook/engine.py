@@ -80,18 +80,20 @@ class Engine:
 
     def apply_domain(self, domain, hook_network=None, event: str = "") -> object:
         """Bring one running domain's forwards in line with its plan."""
-        plan = self.plan_domain(domain, hook_network)
         key = guest_key(domain.name)
-        if plan is None:
+        if self.config is None or domain.name not in self.config.guests:
             # Not (or no longer) in the map: take away what we added earlier.
             if state.exists(self.paths, key):
                 self.remove_guest(domain.name, reason=f"{event}: guest no longer in the port map")
             return None
-        for err in plan.errors:
-            log.error(err, DOMAIN=domain.name)
-        for w in plan.waiting:
-            log.info(f"waiting: {w}", DOMAIN=domain.name)
         with Lock(self.paths.lock_file):
+            # Leases are read under the lock, so a concurrent watcher's newer
+            # view is never overwritten by an older one.
+            plan = self.plan_domain(domain, hook_network)
+            for err in plan.errors:
+                log.error(err, DOMAIN=domain.name)
+            for w in plan.waiting:
+                log.info(f"waiting: {w}", DOMAIN=domain.name)
             self._converge(key, domain.name, list(plan.forwards), list(plan.waiting), event)
         return plan
 
@@ -229,15 +231,6 @@ class Engine:
         report = SyncReport()
         if verify:
             self.selected_backend(redetect=True)
-        running = self.running_configured()
-        if only_network is not None:
-            running = {k: d for k, d in running.items() if any(i.network == only_network for i in d.interfaces)}
-        plans = {}
-        for key, dom in running.items():
-            try:
-                plans[key] = (dom, self.plan_domain(dom))
-            except Exception as e:  # one bad guest must not stop the others
-                report.errors.append(f"{dom.name}: {e}")
         backend = self.backend()
         snap = None
         if verify:
@@ -250,6 +243,17 @@ class Engine:
                 except Exception as e:
                     report.errors.append(f"ensure base: {e}")
         with Lock(self.paths.lock_file):
+            # Plan under the lock: a plan made before it could be older than
+            # a change a concurrent hook commits meanwhile (lost update).
+            running = self.running_configured()
+            if only_network is not None:
+                running = {k: d for k, d in running.items() if any(i.network == only_network for i in d.interfaces)}
+            plans = {}
+            for key, dom in running.items():
+                try:
+                    plans[key] = (dom, self.plan_domain(dom))
+                except Exception as e:  # one bad guest must not stop the others
+                    report.errors.append(f"{dom.name}: {e}")
             records = state.all_records(self.paths)
             for key, (dom, plan) in plans.items():
                 rec = records.get(key)

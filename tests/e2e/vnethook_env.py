@@ -19,7 +19,7 @@ from sandbox import PYTHON
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTALLED = os.environ.get("VNETHOOK_E2E_INSTALLED") == "1"
 INSTALLED_HOOKS = {"qemu": "/etc/libvirt/hooks/qemu.d/vnethook", "network": "/etc/libvirt/hooks/network.d/vnethook"}
-_COUNTERS = re.compile(r"\s*counter packets \d+ bytes \d+|\[\d+:\d+\]|# handle \d+")
+_COUNTERS = re.compile(r"[ \t]*counter packets \d+ bytes \d+[ \t]*|\[\d+:\d+\]|[ \t]*# handle \d+")
 
 # A hook wrapper: libvirt clears the environment, so the test's VNETHOOK_*
 # settings are baked in; the hook's stderr is both passed on to libvirt
@@ -108,20 +108,53 @@ class VnethookEnv:
         return _COUNTERS.sub("", self.sb.ruleset())
 
     def our_rules(self) -> list:
-        """Every line of the firewall that belongs to vnethook."""
+        """Every line of the firewall that belongs to vnethook, prefixed with
+        its table and chain, so a real duplicate shows as a repeated item."""
         out = []
-        table = None
+        table = chain = None
         for line in self.ruleset_text().splitlines():
             s = line.strip()
             if s.startswith("table "):
-                table = s
-            if "vnethook" in s.lower() or (table and "vnethook" in table.lower() and s not in ("}", "")):
-                out.append(s)
+                table, chain = s.rstrip(" {"), None
+                continue
+            if s.startswith(("chain ", "map ", "set ")):
+                chain = s.rstrip(" {")
+            if not s or s == "}":
+                continue
+            if "vnethook" in s.lower() or (table and "vnethook" in table.lower()):
+                out.append(f"{table} / {chain}: {s}")
         return out
 
     def foreign_rules(self) -> list:
-        ours = set(self.our_rules())
-        return [s for s in (line.strip() for line in self.ruleset_text().splitlines()) if s and s not in ours]
+        """Every line that is not vnethook's, in order, with the same prefixes.
+
+        Empty builtin chains that iptables-nft creates on first use (and
+        never deletes) are not rules; they are left out.
+        """
+        out = []
+        table = chain = None
+        lines = [l.strip() for l in self.ruleset_text().splitlines()]
+        for i, s in enumerate(lines):
+            if s.startswith("table "):
+                table, chain = s.rstrip(" {"), None
+                continue
+            if s.startswith(("chain ", "map ", "set ")):
+                chain = s.rstrip(" {")
+                continue
+            if not s or s == "}":
+                continue
+            if "vnethook" in s.lower() or (table and "vnethook" in table.lower()):
+                continue
+            out.append(f"{table} / {chain}: {s}")
+        return _drop_empty_base_chains(out)
+
+    def assert_same_foreign(self, before: list) -> None:
+        after = self.foreign_rules()
+        if after != before:
+            import difflib
+
+            diff = "\n".join(difflib.unified_diff(before, after, "before", "after", lineterm=""))
+            raise AssertionError(f"rules vnethook does not own changed:\n{diff}")
 
     def records(self) -> list:
         d = self.state / "guests"
@@ -155,3 +188,17 @@ class VnethookEnv:
             return self.log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def _drop_empty_base_chains(lines: list) -> list:
+    """A chain whose only line is its `type ... hook ...` header holds no rule."""
+    by_chain = {}
+    for l in lines:
+        by_chain.setdefault(l.split(": ", 1)[0], []).append(l)
+    keep = []
+    for l in lines:
+        own = by_chain[l.split(": ", 1)[0]]
+        if len(own) == 1 and l.split(": ", 1)[1].startswith("type ") and l.rstrip().endswith("policy accept;"):
+            continue
+        keep.append(l)
+    return keep
