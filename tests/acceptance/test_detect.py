@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO, _why_not
+from acceptance_support import REPO, _why_not
 
 from netns import PY, Topology
 

@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from conftest import fwd, key
+from acceptance_support import fwd, key
 
 from netns import A, BRIDGE
 

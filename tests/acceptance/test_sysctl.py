@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO  # noqa: F401  (puts the repo on sys.path)
+from acceptance_support import REPO  # noqa: F401  (puts the repo on sys.path)
 
 from vnethook.firewall.sysctl import STATE_FILE, ensure_localnet
 
