@@ -240,6 +240,10 @@ def _flush(args) -> int:
         config = load_config(paths)
     except ConfigError:
         config = None  # flushing must work with a broken map too
+    from vnethook.watch import stop_watcher
+
+    if stop_watcher(paths):
+        print("stopped the lease watcher")
     done = Engine(paths, config).flush()
     print(f"flushed vnethook's rules from: {', '.join(done) or 'nothing'}")
     return 0

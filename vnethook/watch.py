@@ -25,9 +25,11 @@ UNIT = "vnethook-leases.path"
 
 
 def systemd_handles_leases() -> bool:
+    """Booted with systemd and the path unit enabled (not merely installed:
+    an admin who disabled it must not silently lose late leases)."""
     if not os.path.isdir("/run/systemd/system"):
         return False  # not booted with systemd
-    return any(os.path.exists(os.path.join(d, UNIT)) for d in UNIT_DIRS)
+    return any(os.path.exists(os.path.join(d, "paths.target.wants", UNIT)) for d in UNIT_DIRS)
 
 
 def _lock_path(paths) -> str:
@@ -113,6 +115,8 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     fd = _try_lock(paths)
     if fd is None:
         return 0
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # so `vnethook flush` can stop us
     from vnethook import log
     from vnethook.config import ConfigError, load_config_cached
     from vnethook.engine import Engine
@@ -148,3 +152,22 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     finally:
         os.close(fd)
     return 0
+
+
+def stop_watcher(paths) -> bool:
+    """Stop the hook-started watcher (package removal, `vnethook flush`)."""
+    if not watcher_running(paths):
+        return False
+    try:
+        with open(_lock_path(paths)) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    if b"vnethook" not in b" ".join(argv) or b"watch" not in argv:
+        return False  # a stale pid now used by something else
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
+    return True
