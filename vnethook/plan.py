@@ -196,7 +196,16 @@ def plan_guest(
 
 
 def _newest_first(leases, mac, now):
-    mine = [l for l in leases if l.mac == mac and (not now or l.expiry == 0 or l.expiry > now)]
+    live = [l for l in leases if not now or l.expiry == 0 or l.expiry > now]
+    # An address leased to another MAC at least as recently is not ours:
+    # dnsmasq hands an address to one client at a time, so the older entry
+    # is stale (or the file is forged), and a forward must never reach the
+    # wrong guest. A tie holds neither guest's forwards.
+    rank = lambda l: float("inf") if l.expiry == 0 else l.expiry  # noqa: E731
+    mine = [
+        l for l in live
+        if l.mac == mac and not any(o.ip == l.ip and o.mac != mac and rank(o) >= rank(l) for o in live)
+    ]
     # expiry 0 means "never expires": treat it as the newest
     return sorted(mine, key=lambda l: (l.expiry == 0, l.expiry), reverse=True)
 
