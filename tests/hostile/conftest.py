@@ -140,7 +140,7 @@ class FakeHost:
 
     def write_raw(self, text, name: str = "ports.yaml") -> None:
         p = self.cfg / name
-        tmp = self.cfg / ("." + name + ".tmp")
+        tmp = p.with_name("." + p.name + ".tmp")
         if isinstance(text, bytes):
             tmp.write_bytes(text)
         else:
