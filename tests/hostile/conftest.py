@@ -232,27 +232,29 @@ class FakeHost:
         return ["nft"]
 
     def ours(self, dump: Optional[Dict[str, str]] = None) -> List[str]:
-        """Every tagged line of this backend's views (a duplicate shows twice)."""
+        """Every tagged line of this backend's views, with its table/chain/map
+        path, so a real duplicate shows as a repeated item."""
         dump = dump if dump is not None else self.dump()
         out = []
         for view in self.views():
-            block = None
-            depth = 0
+            stack: List[str] = []
+            table = ""
             for ln in dump[view].splitlines():
                 s = ln.strip()
-                if block is None and _OWN_BLOCK.match(s) and s.endswith("{"):
-                    block, depth = s, 1
-                    out.append(f"{view}: {s}")
+                if not s:
                     continue
-                if block is not None:
-                    depth += s.count("{") - s.count("}")
-                    if depth <= 0:
-                        block = None
-                        continue
-                    out.append(f"{view}: {block}: {s}")
+                if s.startswith("*"):
+                    table = s
+                if s.endswith("{"):
+                    stack.append(s[:-1].strip())
+                    if any(_OWN_BLOCK.match(b) for b in stack):
+                        out.append(f"{view}: {table}{' / '.join(stack)}")
                     continue
-                if _OWN_LINE.search(s):
-                    out.append(f"{view}: {s}")
+                if s.startswith("}") and stack:
+                    stack.pop()
+                    continue
+                if any(_OWN_BLOCK.match(b) for b in stack) or _OWN_LINE.search(s):
+                    out.append(f"{view}: {table}{' / '.join(stack)}: {s}")
         return out
 
     def foreign(self, dump: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -315,3 +317,7 @@ def host(request, backend, tmp_path) -> FakeHost:
     topo.load_libvirt(backend)
     topo.load_foreign(backend)
     return FakeHost(topo, tmp_path, backend)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: many real-firewall iterations (fault injection, concurrency)")
