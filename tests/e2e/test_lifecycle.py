@@ -94,6 +94,17 @@ def test_start_then_destroy_and_shutdown(sandbox, vh):
     assert vh.our_rules() == []
     vh.assert_same_foreign(before)
 
+    # `vnethook flush` takes away everything vnethook owns, nothing else
+    sb.start("web1")
+    assert _reach(ext, 8080).ok
+    cp = vh.run(vh.cli_argv("flush"))
+    assert "flushed" in cp.stdout
+    assert vh.our_rules() == [] and vh.records() == []
+    assert not _reach(ext, 8080, timeout=1).ok
+    vh.assert_same_foreign(before)
+    vh.run(vh.cli_argv("sync"))  # and sync brings the running guest back
+    assert _reach(ext, 8080).ok
+
 
 def test_late_lease_and_changed_lease_waiter(sandbox, vh):
     sb = sandbox
