@@ -300,7 +300,22 @@ class Engine:
                         report.removed.append(name)
                     except Exception as e:
                         report.errors.append(f"{name}: {e}")
+                if verify and not report.errors and not state.all_records(self.paths):
+                    self._drop_orphan_base(backend, report)
         return report
+
+    def _drop_orphan_base(self, backend, report) -> None:
+        """No guest has forwards: nothing of ours may stay, not even the base.
+
+        A backend drops its chains and jumps after removing the last guest,
+        in a step of its own; killed between the two, it leaves a base that
+        no later removal ever sees (no guest rules left to find by tag).
+        """
+        try:
+            if not backend.snapshot().guests:
+                backend.flush()
+        except Exception as e:
+            report.errors.append(f"dropping the unused base: {e}")
 
     def remove_network(self, network: str) -> list:
         """Remove the forwards of every guest whose forwards use `network`."""
