@@ -39,12 +39,27 @@ class Engine:
         """(name, reason) of the backend to use for new rules."""
         if self._selected and not redetect:
             return self._selected
-        setting = self.config.settings.firewall if self.config else "auto"
+        setting = self.config.settings.firewall if self.config else self._configured_firewall()
         if setting != "auto":
             self._selected = (setting, "settings.firewall in the port map")
             return self._selected
         self._selected = _detect_cached(self.paths, redetect)
         return self._selected
+
+    def _configured_firewall(self) -> str:
+        """settings.firewall even on the paths that run without the map.
+
+        `stopped` works from the record alone, but when the record is lost
+        or corrupt the rules must be looked for in the firewall the map
+        chose, not the one detection would pick (a host whose map says
+        iptables-legacy while /usr/sbin/iptables is nft would orphan them).
+        """
+        try:
+            from vnethook.config import load_config_cached
+
+            return load_config_cached(self.paths).settings.firewall
+        except Exception:
+            return "auto"
 
     def backend(self, name: str | None = None):
         name = name or self.selected_backend()[0]
