@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+
+from vnethook.model import Value
 
 MAX_FILE_SIZE = 1 << 20  # 1 MiB
 MAX_DEPTH = 1000  # YAML nesting; a port map needs 6
@@ -42,8 +43,7 @@ _PORT_EXPECT = "expected a number 1-65535 or a range like 30000-30009"
 _RACY_NS = 3_000_000_000  # files changed this recently are also compared by content
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Value):
     """One thing wrong with the map, where the user can find it (line/col 1-based, 0 = whole file)."""
 
     file: str
@@ -70,8 +70,7 @@ class ConfigError(Exception):
         return "\n".join(str(p) for p in self.problems)
 
 
-@dataclass(frozen=True)
-class PortRule:
+class PortRule(Value):
     """One forward as written for a guest; the planner adds the guest side.
 
     Kept apart from model.Forward because the guest's address, NIC and family
@@ -86,8 +85,7 @@ class PortRule:
     origin: str  # "file:line"
 
 
-@dataclass(frozen=True)
-class GuestConfig:
+class GuestConfig(Value):
     """Everything the map says about one libvirt domain."""
 
     name: str
@@ -98,8 +96,7 @@ class GuestConfig:
     origin: str
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Value):
     """Global knobs; defaults apply when no file sets them."""
 
     firewall: str = "auto"
@@ -107,8 +104,7 @@ class Settings:
     lease_watch: str = "auto"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Value):
     """The validated map of all files (guests keep file order)."""
 
     settings: Settings

@@ -20,10 +20,9 @@ wrote, so comparisons anywhere else can be plain string equality.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from vnethook.model import Value
 
 MAX_INPUT = 16 * 1024 * 1024  # far above any real libvirt XML or lease file
 
@@ -32,8 +31,7 @@ class LibvirtDataError(Exception):
     """libvirt data we cannot use; the message says what and where."""
 
 
-@dataclass(frozen=True)
-class Interface:
+class Interface(Value):
     mac: str  # lowercase aa:bb:cc:dd:ee:ff
     type: str  # network | bridge | direct | user | ...
     network: Optional[str]  # libvirt network name (type='network' only)
@@ -42,23 +40,20 @@ class Interface:
     portid: Optional[str]  # network port uuid (libvirt >= 5.5, running guests)
 
 
-@dataclass(frozen=True)
-class Domain:
+class Domain(Value):
     name: str
     uuid: Optional[str]
     interfaces: Tuple[Interface, ...]
 
 
-@dataclass(frozen=True)
-class Subnet:
+class Subnet(Value):
     family: int  # 4 | 6
     address: str  # the host side, e.g. 192.0.2.1
     prefix: int
     cidr: str  # the network, e.g. 192.0.2.0/24
 
 
-@dataclass(frozen=True)
-class Network:
+class Network(Value):
     name: str
     bridge: Optional[str]
     forward_mode: Optional[str]  # nat | route | open | bridge | ...; None = isolated
@@ -69,8 +64,7 @@ class Network:
     dhcp_hosts: Tuple[Tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
-class Port:
+class Port(Value):
     network: str
     owner: Optional[str]  # domain name
     owner_uuid: Optional[str]
@@ -78,8 +72,7 @@ class Port:
     bridge: Optional[str]
 
 
-@dataclass(frozen=True)
-class Lease:
+class Lease(Value):
     ip: str
     mac: str
     expiry: int  # epoch seconds; 0 = never expires
@@ -116,6 +109,127 @@ def _to_bytes(data: object, source: str) -> bytes:
     if len(data) > MAX_INPUT:
         raise LibvirtDataError(f"{source}: input is {len(data)} bytes, over the {MAX_INPUT} byte limit")
     return data
+
+
+# lxml costs ~17 ms to import: most of a hook run. For the plain documents
+# libvirt writes, the hook reads them with pyexpat (already in the stdlib,
+# ~1 ms) into the few light elements below, which answer the same find /
+# findall / get / text / tag questions as lxml's. Anything unusual (a DOCTYPE
+# or entity declaration, a parse error, deep nesting, long names, a large
+# document) or any error found while reading the result makes the reader
+# step aside, and the same input goes through lxml: lxml stays the parser of
+# record, for every error message and every odd input. Set READER = "lxml"
+# to bypass the fast reader altogether (tests compare the two).
+READER = "auto"
+_FAST_MAX_BYTES = 1 << 20
+_FAST_MAX_DEPTH = 64
+_FAST_MAX_NAME = 200
+
+
+class _Decline(Exception):
+    """The fast reader leaves this input to lxml."""
+
+
+class _El:
+    """The part of an lxml element the readers below use."""
+
+    __slots__ = ("tag", "attrib", "children", "sourceline", "_text", "_closed")
+
+    def __init__(self, tag: str, attrib: dict, line: int):
+        self.tag = tag
+        self.attrib = attrib
+        self.children: list = []
+        self.sourceline = line
+        self._text: list = []
+        self._closed = False  # a child started: later text is that child's tail
+
+    @property
+    def text(self):
+        return "".join(self._text) if self._text else None
+
+    def get(self, name: str, default=None):
+        return self.attrib.get(name, default)
+
+    def findall(self, path: str) -> list:
+        cur = [self]
+        for part in path.split("/"):
+            cur = [c for e in cur for c in e.children if c.tag == part]
+        return cur
+
+    def find(self, path: str):
+        found = self.findall(path)
+        return found[0] if found else None
+
+
+def _qname(name: str) -> str:
+    if len(name) > _FAST_MAX_NAME:
+        raise _Decline()
+    # namespace_separator "}" gives "uri}local"; lxml spells it "{uri}local"
+    return "{" + name if "}" in name else name
+
+
+def _fast_root(raw: bytes):
+    """The document's root as light elements, or None to let lxml decide."""
+    if len(raw) > _FAST_MAX_BYTES:
+        return None
+    import pyexpat
+
+    p = pyexpat.ParserCreate(None, "}")
+    p.buffer_text = True
+    stack: list = []
+    top: list = []
+
+    def start(tag, attrs):
+        el = _El(_qname(tag), {_qname(k): v for k, v in attrs.items()} if attrs else {}, p.CurrentLineNumber)
+        if stack:
+            parent = stack[-1]
+            parent.children.append(el)
+            parent._closed = True
+        elif top:
+            raise _Decline()
+        else:
+            top.append(el)
+        stack.append(el)
+        if len(stack) > _FAST_MAX_DEPTH:
+            raise _Decline()
+
+    def end(tag):
+        stack.pop()
+
+    def chars(data):
+        if stack and not stack[-1]._closed:
+            stack[-1]._text.append(data)
+
+    def decline(*args):
+        raise _Decline()
+
+    p.StartElementHandler = start
+    p.EndElementHandler = end
+    p.CharacterDataHandler = chars
+    p.StartDoctypeDeclHandler = decline
+    p.EntityDeclHandler = decline
+    p.ExternalEntityRefHandler = decline
+    p.SkippedEntityHandler = decline
+    p.UnparsedEntityDeclHandler = decline
+    p.NotationDeclHandler = decline
+    try:
+        p.Parse(raw, True)
+    except Exception:  # _Decline, ExpatError, unknown encoding...: lxml decides
+        return None
+    return top[0] if top and not stack else None
+
+
+def _parsed(data: object, source: str, build):
+    """build(root, source) on the fast reader's tree, else on lxml's."""
+    raw = _to_bytes(data, source)
+    if READER != "lxml" and raw.strip():
+        root = _fast_root(raw)
+        if root is not None:
+            try:
+                return build(root, source)
+            except LibvirtDataError:
+                pass  # lxml words the error (and gets the last say)
+    return build(_parse_xml(raw, source), source)
 
 
 def _parse_xml(data: object, source: str):
@@ -193,7 +307,11 @@ def parse_domain(data: bytes, source: str = "stdin") -> Domain:
     NICs without a usable MAC are left out rather than failing the whole
     guest: nothing can be forwarded to a NIC we cannot identify, and the
     other NICs still deserve their forwards."""
-    root = _unwrap(_parse_xml(data, source), source, "domain", ("domstatus",))
+    return _parsed(data, source, _domain_from)
+
+
+def _domain_from(root, source: str) -> Domain:
+    root = _unwrap(root, source, "domain", ("domstatus",))
     name = _text(root, "name")
     if not name:
         raise LibvirtDataError(f"{_where(source, root.sourceline)}: <domain> has no <name>")
@@ -226,6 +344,8 @@ def _subnet(el, source: str) -> Subnet:
     address = _attr(el, "", "address")
     if not address:
         raise LibvirtDataError(f"{where}: <ip> has no address")
+    import ipaddress
+
     prefix = _attr(el, "", "prefix")
     netmask = _attr(el, "", "netmask")
     try:
@@ -247,8 +367,11 @@ def _subnet(el, source: str) -> Subnet:
 def parse_network(data: bytes, source: str = "stdin") -> Network:
     """A network from the network hook's stdin (<hookData><network>), a
     definition (<network>) or its status file (<networkstatus><network>)."""
-    root = _unwrap(_parse_xml(data, source), source, "network", ("hookData", "networkstatus"))
-    return _network_from(root, source)
+    return _parsed(data, source, _network_doc)
+
+
+def _network_doc(root, source: str) -> Network:
+    return _network_from(_unwrap(root, source, "network", ("hookData", "networkstatus")), source)
 
 
 def _network_from(root, source: str) -> Network:
@@ -276,6 +399,8 @@ def _network_from(root, source: str) -> Network:
 def _valid_ip(value: object) -> Optional[str]:
     if not isinstance(value, str):
         return None
+    import ipaddress
+
     try:
         return str(ipaddress.ip_address(value.strip().strip("[]")))
     except ValueError:
@@ -285,7 +410,10 @@ def _valid_ip(value: object) -> Optional[str]:
 def parse_port(data: bytes, source: str = "stdin") -> Optional[Port]:
     """The port of a network hook's port-created/port-deleted stdin, or
     None when the hookData carries no <networkport> (start, stopped...)."""
-    root = _parse_xml(data, source)
+    return _parsed(data, source, _port_from)
+
+
+def _port_from(root, source: str) -> Optional[Port]:
     if root.tag != "hookData":
         raise LibvirtDataError(
             f"{_where(source, root.sourceline)}: expected <hookData>, got <{_tagname(root.tag)}>"
@@ -387,6 +515,8 @@ def find_lease(leases: Iterable[Lease], mac: str, family: int = 4) -> Optional[L
     """The lease of one NIC for one family; the one expiring last wins (a
     re-lease after a reboot is newer than a stale entry), never-expiring
     (0) beats everything."""
+    import ipaddress
+
     want = normalize_mac(mac)
     if want is None:
         return None

@@ -13,6 +13,90 @@ from vnethook.keys import guest_key  # noqa: F401  (re-exported)
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 
+
+class Value:
+    """A stand-in for @dataclass (frozen or not) that costs nothing to import.
+
+    dataclasses pulls in inspect (~10 ms), and every module on the hook's
+    path holds a few plain records. Subclasses list their fields as class
+    annotations, in order; a class attribute is the field's default, and
+    `factory(list)` makes a fresh default per instance. Equality, hash
+    (frozen only) and repr follow the fields, like a dataclass's.
+    """
+
+    __slots__ = ()
+    _fields: tuple = ()
+    _defaults: dict = {}
+    _frozen = True
+
+    def __init_subclass__(cls, frozen: bool = True, **kw):
+        super().__init_subclass__(**kw)
+        own = tuple(cls.__dict__.get("__annotations__", {}))
+        fields = tuple(f for f in cls._fields if f not in own) + own
+        defaults = dict(cls._defaults)
+        for f in own:
+            if f in cls.__dict__:
+                defaults[f] = cls.__dict__[f]
+        cls._fields, cls._defaults, cls._frozen = fields, defaults, frozen
+        if not frozen:
+            cls.__hash__ = None  # like a mutable dataclass
+        else:
+            cls.__hash__ = Value.__hash__
+
+    def __init__(self, *args, **kw):
+        fields = self._fields
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes {len(fields)} arguments, got {len(args)}")
+        s = object.__setattr__
+        for name, v in zip(fields, args):
+            s(self, name, v)
+        for name in fields[len(args):]:
+            if name in kw:
+                v = kw.pop(name)
+            elif name in self._defaults:
+                v = self._defaults[name]
+                if isinstance(v, factory):
+                    v = v.make()
+            else:
+                raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+            s(self, name, v)
+        if kw:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kw)}")
+
+    def __setattr__(self, name, value):
+        if self._frozen:
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if self._frozen:
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__delattr__(self, name)
+
+    def _astuple(self) -> tuple:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __hash__(self):
+        return hash(self._astuple())
+
+    def __repr__(self):
+        inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+
+class factory:
+    """A per-instance default for a Value field (like field(default_factory=...))."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
 _FIELDS = (
     "domain",
     "mac",

@@ -15,14 +15,16 @@ can point vnethook at fixtures without patching code:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from vnethook.model import Value
 
 DEFAULT_CONFIG_DIR = "/etc/vnethook"
 DEFAULT_STATE_DIR = "/run/vnethook"
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(Value):
+    """(A Value, not a dataclass: this module is imported by every hook run.)"""
+
     config: str  # file or directory given by the user, or DEFAULT_CONFIG_DIR
     libvirt_root: str
     state_dir: str

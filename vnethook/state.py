@@ -13,11 +13,12 @@ firewall itself is the ground truth that sync falls back to.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 from vnethook.model import Forward
+
+# json is imported where a record is read or written, not here: the hook's
+# no-op paths only ask exists(), and json (with re) costs ~5 ms to import.
 
 
 def _path(paths, key: str) -> str:
@@ -29,6 +30,8 @@ def ensure_dirs(paths) -> None:
 
 
 def read(paths, key: str) -> dict | None:
+    import json
+
     try:
         with open(_path(paths, key), "rb") as f:
             data = json.loads(f.read())
@@ -55,6 +58,9 @@ def write(
     pending: bool = False,
     waiting: "list | None" = None,
 ) -> None:
+    import json
+    import time
+
     ensure_dirs(paths)
     rec = {
         "domain": domain,

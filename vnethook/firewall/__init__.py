@@ -7,15 +7,12 @@ nftables) is loaded, by get_backend().
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import re
-import shutil
-import subprocess
-from typing import Optional, Tuple
 
 from vnethook.firewall.base import Backend, FirewallError
+
+# json, re, shutil and subprocess are imported inside detect()'s helpers:
+# detection runs once and is cached, the hook's every run imports this.
 
 BACKENDS = {
     "iptables-nft": ("vnethook.firewall.iptables_nft", "IptablesNftBackend"),
@@ -32,7 +29,7 @@ def get_backend(name: str) -> Backend:
     except KeyError:
         raise FirewallError(f"unknown firewall backend {name!r} "
                             f"(known: {', '.join(sorted(BACKENDS))})") from None
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(__import__(module, fromlist=[cls]), cls)()
 
 
 def _network_conf_backend(path: str) -> Optional[str]:
@@ -42,6 +39,8 @@ def _network_conf_backend(path: str) -> Optional[str]:
             text = f.read()
     except OSError:
         return None
+    import re
+
     value = None
     for line in text.splitlines():
         m = re.match(r'\s*firewall_backend\s*=\s*"([^"]*)"', line)
@@ -51,6 +50,9 @@ def _network_conf_backend(path: str) -> Optional[str]:
 
 
 def _run(argv) -> Optional[str]:
+    import shutil
+    import subprocess
+
     tool = shutil.which(argv[0], path=f"{os.environ.get('PATH', '')}:{_SBIN}")
     if not tool:
         return None
@@ -62,6 +64,8 @@ def _run(argv) -> Optional[str]:
 
 
 def _has_libvirt_nft_table() -> bool:
+    import json
+
     out = _run(["nft", "-j", "list", "tables"])
     if not out:
         return False

@@ -26,10 +26,8 @@ libvirt's forward chain, which is also tagged.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set
 
-from vnethook.model import Forward
+from vnethook.model import Forward, Value, factory
 
 TAG = "vnethook"
 
@@ -38,13 +36,12 @@ class FirewallError(Exception):
     """A firewall change failed. The firewall is unchanged (atomic batch)."""
 
 
-@dataclass
-class Snapshot:
+class Snapshot(Value, frozen=False):
     """What is installed right now, as found in the firewall itself."""
 
-    guests: Dict[str, Set[str]] = field(default_factory=dict)  # key -> canonical rules
+    guests: Dict[str, Set[str]] = factory(dict)  # key -> canonical rules
     base_ok: bool = True  # base chains/jumps/accept present and in position
-    problems: List[str] = field(default_factory=list)  # human-readable base issues
+    problems: List[str] = factory(list)  # human-readable base issues
 
 
 class Backend(abc.ABC):

@@ -18,13 +18,11 @@ Only stdlib here: the hook path imports this module.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
-
 from vnethook.firewall.base import TAG
-from vnethook.model import Forward
+from vnethook.model import Forward, Value
+
+# re and ipaddress are imported where needed: `stopped` only diffs record
+# strings and never pays for them.
 
 CHAIN_DNAT = "VNETHOOK-DNAT"
 CHAIN_SNAT = "VNETHOOK-SNAT"
@@ -35,11 +33,11 @@ FAMILIES = (4, 6)
 
 LOOPBACK_NET = {4: "127.0.0.0/8", 6: "::1/128"}
 
-_COMMENT_RE = re.compile(r'-m comment --comment "?' + TAG + r':([A-Za-z0-9_.-]+)"?')
+_COMMENT_PAT = r'-m comment --comment "?' + TAG + r':([A-Za-z0-9_.-]+)"?'
+_comment_re = None
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(Value):
     """One iptables rule, in the order `iptables-save` prints its parts."""
 
     family: int
@@ -95,15 +93,24 @@ def split_canonical(rule: str) -> Tuple[int, str, str, str]:
 
 def key_of(spec: str) -> Optional[str]:
     """The guest key a rule is tagged with, or None for untagged rules."""
-    m = _COMMENT_RE.search(spec)
+    global _comment_re
+    if _comment_re is None:
+        import re
+
+        _comment_re = re.compile(_COMMENT_PAT)
+    m = _comment_re.search(spec)
     return m.group(1) if m else None
 
 
 def _host(addr: str, family: int) -> str:
+    import ipaddress
+
     return f"{ipaddress.ip_address(addr).compressed}/{32 if family == 4 else 128}"
 
 
 def _net(cidr: str) -> str:
+    import ipaddress
+
     return ipaddress.ip_network(cidr, strict=False).compressed
 
 
@@ -112,6 +119,8 @@ def _ports(lo: int, hi: int, sep: str = ":") -> str:
 
 
 def _to_destination(fw: Forward) -> str:
+    import ipaddress
+
     addr = ipaddress.ip_address(fw.guest_address).compressed
     if fw.family == 6:
         addr = f"[{addr}]"
@@ -194,8 +203,7 @@ def base_jumps(family: int) -> List[Rule]:
 # --- reading iptables-save output -------------------------------------------
 
 
-@dataclass
-class SavedTable:
+class SavedTable(Value, frozen=False):
     chains: Set[str]
     rules: List[Tuple[str, str]]  # (chain, spec) in listed order
 
@@ -217,8 +225,7 @@ def parse_save(text: str) -> Dict[str, SavedTable]:
     return tables
 
 
-@dataclass
-class FamilyState:
+class FamilyState(Value, frozen=False):
     """What one family's listing says about vnethook's rules and base."""
 
     family: int
@@ -254,6 +261,8 @@ class FamilyState:
 
 
 def family_state(family: int, tables: Dict[str, SavedTable]) -> FamilyState:
+    import re
+
     ours = {c for cs in OUR_CHAINS.values() for c in cs}
     st = FamilyState(family, {}, {}, [], {}, None)
     for table in TABLES:

@@ -60,15 +60,14 @@ pay for it unless this backend is in use.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
+import os
 import re
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
-from vnethook.model import PROTOCOLS, Forward
+from vnethook.keys import _sha256
+from vnethook.model import PROTOCOLS, Forward, Value
 
 FAMILY = "inet"
 TABLE = "vnethook"
@@ -89,8 +88,7 @@ _HAIRPIN_PRIO = _NAT_PRIO_DST + 1  # after our DNAT, before routing
 # The maps and sets, and what one element of each means.
 
 
-@dataclass(frozen=True)
-class MapSpec:
+class MapSpec(Value):
     """One DNAT map: which packet fields form its key."""
 
     family: int  # 4 | 6
@@ -146,8 +144,7 @@ CHAINS = (
 )
 
 
-@dataclass(frozen=True)
-class FwdElem:
+class FwdElem(Value):
     """One port of one forward: one element of one DNAT map."""
 
     family: int
@@ -303,7 +300,7 @@ def parse_canonical(text: str) -> Elem:
 
 def guest_marker(key: str) -> str:
     """The guest's element in set `guests`: 128 bits of hash, typed as IPv6."""
-    return str(ipaddress.IPv6Address(hashlib.sha256(key.encode("utf-8")).digest()[:16]))
+    return str(ipaddress.IPv6Address(_sha256(key.encode("utf-8")).digest()[:16]))
 
 
 def marker_command(op: str, key: str) -> dict:
@@ -598,6 +595,61 @@ def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
 # --------------------------------------------------------------------------
 
 
+_held: list = []
+
+
+def _hold_socket_past_exit(ctx) -> None:
+    """Let a detached child close our netlink socket, after we are gone.
+
+    When the last holder of an nfnetlink socket closes it while deleted
+    rules or elements await their RCU grace period, the kernel makes it
+    wait for them (nf_tables flushes its destroy work on NETLINK_URELEASE):
+    ~15 ms per commit round here, at the hook's exit, so libvirt waits too.
+    Committed is committed by then; only the freeing of old objects is
+    left. So the context lives to the end of the process (a module-level
+    reference), and at exit a forked child keeps a copy of every open
+    descriptor (stdio on /dev/null) until this process has exited, then
+    exits itself and pays that wait where nobody waits for it.
+    """
+    _held.append(ctx)
+    if len(_held) == 1:
+        import atexit
+
+        atexit.register(_detach_close)
+
+
+def _detach_close() -> None:
+    try:
+        r, w = os.pipe()  # w: ours (non-inheritable, but fork keeps it: closed in the child)
+        pid = os.fork()
+    except OSError:
+        return  # then we pay the wait ourselves
+    if pid:
+        os.close(r)
+        _children.append(w)  # closed by our exit: the child's cue
+        return
+    try:
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.setsid()
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd != r:
+                try:
+                    if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        os.close(fd)  # e.g. a lock file: never hold it longer
+                except OSError:
+                    pass
+        os.read(r, 1)  # EOF once the parent has exited
+    finally:
+        os._exit(0)
+
+
+_children: list = []
+
+
 class NftablesBackend(Backend):
     """Forwards as map elements in table inet vnethook (see module docstring)."""
 
@@ -620,6 +672,7 @@ class NftablesBackend(Backend):
             ctx = nftables.Nftables()
             ctx.set_handle_output(True)
             self._ctx = ctx
+            _hold_socket_past_exit(ctx)
         return self._ctx
 
     def _run(self, cmds: List[dict]) -> Tuple[int, Any, str]:
