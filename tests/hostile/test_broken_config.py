@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import NETWORK, hook_data
+from hostile_support import NETWORK, hook_data
 
 WEB = ("web", ["52:54:00:00:00:01"])
 DB = ("db", ["52:54:00:00:00:02"])

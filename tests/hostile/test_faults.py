@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import NETWORK, hook_data
+from hostile_support import NETWORK, hook_data
 
 GUESTS = [f"g{i}" for i in range(4)]
 MAC = {g: f"52:54:00:00:02:{i:02x}" for i, g in enumerate(GUESTS)}
@@ -71,7 +71,7 @@ class Scenario:
             g = rng.choice(sorted(self.running))
             self.running.discard(g)
             h.stop_domain(g)
-            from conftest import domain_xml
+            from hostile_support import domain_xml
 
             return "remove", h.hook_argv("qemu", g, "stopped", "end"), domain_xml(g, [MAC[g]]).encode()
         if kind == "network":
@@ -119,7 +119,7 @@ def test_sigkill_anywhere_then_sync_converges_exactly(host, record_property):
     g = GUESTS[0]
     host.stop_domain(g)
     s.running.discard(g)
-    from conftest import domain_xml
+    from hostile_support import domain_xml
 
     typical["remove"] = _timed(host, host.hook_argv("qemu", g, "stopped", "end"), domain_xml(g, [MAC[g]]).encode())
     killed = finished = 0
@@ -174,7 +174,7 @@ def test_fifty_concurrent_hooks_across_25_guests(host, record_property):
     and 13-24 start (started twice: libvirt never does, a stuck retry might),
     all 50 hooks at once, while an admin adds rules with `iptables -w` in
     the same tables. Only the final desired state may remain."""
-    from conftest import domain_xml
+    from hostile_support import domain_xml
 
     host.write_map(_many_map())
     mac = {g: f"52:54:00:00:03:{i:02x}" for i, g in enumerate(MANY)}
@@ -253,7 +253,7 @@ def test_backend_remove_after_half_done_removal_drops_the_base(host, tmp_path):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "acceptance"))
-    from conftest import BRIDGE
+    from hostile_support import BRIDGE
     from vnethook.model import Forward, guest_key
 
     state = str(tmp_path / "drive")

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import REPO, yaml_str
+from hostile_support import REPO, yaml_str
 
 # --------------------------------------------------------------------------- permissions
 

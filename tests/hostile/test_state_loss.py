@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 
-from conftest import status_xml
+from hostile_support import status_xml
 
 MACS = {"g0": "52:54:00:00:04:00", "g1": "52:54:00:00:04:01"}
 
