@@ -168,8 +168,13 @@ def _qname(name: str) -> str:
     return "{" + name if "}" in name else name
 
 
-def _fast_root(raw: bytes):
-    """The document's root as light elements, or None to let lxml decide."""
+def _fast_root(raw: bytes, keep=None):
+    """The document's root as light elements, or None to let lxml decide.
+
+    `keep`: the only tags (below the root) the caller's find/findall paths
+    go through; other subtrees are not built (a domain status file is
+    mostly <qemuCaps> flags). A skipped child still ends its parent's text,
+    as in lxml."""
     if len(raw) > _FAST_MAX_BYTES:
         return None
     import pyexpat
@@ -180,24 +185,36 @@ def _fast_root(raw: bytes):
     top: list = []
 
     def start(tag, attrs):
-        el = _El(_qname(tag), {_qname(k): v for k, v in attrs.items()} if attrs else {}, p.CurrentLineNumber)
+        if len(stack) >= _FAST_MAX_DEPTH:
+            raise _Decline()
         if stack:
             parent = stack[-1]
-            parent.children.append(el)
+            if parent is None:  # inside a skipped subtree
+                if len(tag) > _FAST_MAX_NAME:
+                    raise _Decline()
+                stack.append(None)
+                return
             parent._closed = True
+            tag = _qname(tag)
+            if keep is not None and tag not in keep:
+                stack.append(None)
+                return
         elif top:
             raise _Decline()
         else:
+            tag = _qname(tag)
+        el = _El(tag, {_qname(k): v for k, v in attrs.items()} if attrs else {}, p.CurrentLineNumber)
+        if stack:
+            stack[-1].children.append(el)
+        else:
             top.append(el)
         stack.append(el)
-        if len(stack) > _FAST_MAX_DEPTH:
-            raise _Decline()
 
     def end(tag):
         stack.pop()
 
     def chars(data):
-        if stack and not stack[-1]._closed:
+        if stack and stack[-1] is not None and not stack[-1]._closed:
             stack[-1]._text.append(data)
 
     def decline(*args):
@@ -219,17 +236,23 @@ def _fast_root(raw: bytes):
     return top[0] if top and not stack else None
 
 
-def _parsed(data: object, source: str, build):
+def _parsed(data: object, source: str, build, keep=None):
     """build(root, source) on the fast reader's tree, else on lxml's."""
     raw = _to_bytes(data, source)
     if READER != "lxml" and raw.strip():
-        root = _fast_root(raw)
+        root = _fast_root(raw, keep)
         if root is not None:
             try:
                 return build(root, source)
             except LibvirtDataError:
                 pass  # lxml words the error (and gets the last say)
     return build(_parse_xml(raw, source), source)
+
+
+# Every tag the readers' find/findall paths pass through (see _fast_root).
+_DOMAIN_TAGS = frozenset(("domain", "name", "uuid", "devices", "interface", "mac", "source", "actual", "target"))
+_NETWORK_TAGS = frozenset(("network", "name", "bridge", "forward", "ip", "dhcp", "host", "networkport", "owner",
+                           "uuid", "mac", "plug"))
 
 
 def _parse_xml(data: object, source: str):
@@ -307,7 +330,7 @@ def parse_domain(data: bytes, source: str = "stdin") -> Domain:
     NICs without a usable MAC are left out rather than failing the whole
     guest: nothing can be forwarded to a NIC we cannot identify, and the
     other NICs still deserve their forwards."""
-    return _parsed(data, source, _domain_from)
+    return _parsed(data, source, _domain_from, _DOMAIN_TAGS)
 
 
 def _domain_from(root, source: str) -> Domain:
@@ -367,7 +390,7 @@ def _subnet(el, source: str) -> Subnet:
 def parse_network(data: bytes, source: str = "stdin") -> Network:
     """A network from the network hook's stdin (<hookData><network>), a
     definition (<network>) or its status file (<networkstatus><network>)."""
-    return _parsed(data, source, _network_doc)
+    return _parsed(data, source, _network_doc, _NETWORK_TAGS)
 
 
 def _network_doc(root, source: str) -> Network:
@@ -410,7 +433,7 @@ def _valid_ip(value: object) -> Optional[str]:
 def parse_port(data: bytes, source: str = "stdin") -> Optional[Port]:
     """The port of a network hook's port-created/port-deleted stdin, or
     None when the hookData carries no <networkport> (start, stopped...)."""
-    return _parsed(data, source, _port_from)
+    return _parsed(data, source, _port_from, _NETWORK_TAGS)
 
 
 def _port_from(root, source: str) -> Optional[Port]:
@@ -460,18 +483,62 @@ def read_leases(path: str, now: Optional[float] = None) -> List[Lease]:
     (no MAC, bad IP, bad expiry) are skipped: the leases helper only ever
     appends what dnsmasq reported, and one odd entry must not hide the
     others. A file that is not a JSON array is an error."""
-    import json
     import time
+
+    if now is None:
+        now = time.time()
+    parsed = _memo(path, "leases", _parse_leases)
+    if all(l.expiry == 0 or l.expiry > now for l in parsed):
+        return parsed  # the same object while nothing expired: the planner indexes it once
+    return [l for l in parsed if l.expiry == 0 or l.expiry > now]
+
+
+class LeaseList(list):
+    """A read-only list of leases, shared by every reader of one file."""
+
+    __slots__ = ("by_key",)
+
+    def _read_only(self, *args, **kw):
+        raise TypeError("LeaseList is read-only (copy it with list())")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+
+
+# One process (sync, status, the lease watcher) plans every guest of a
+# bridge against the same lease file, network status and hostsfile: with
+# 1000 guests, re-reading them per guest made sync quadratic. Parsed
+# results are kept per process, keyed by the file's identity and stamps
+# (libvirt replaces these files by rename, which changes the inode).
+_MEMO: dict = {}
+
+
+def _memo(path: str, kind: str, parse):
+    try:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        return parse(path)  # missing or unreadable: the reader says so
+    hit = _MEMO.get((kind, path))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = parse(path)
+    _MEMO[(kind, path)] = (stamp, value)
+    return value
+
+
+def _parse_leases(path: str) -> "LeaseList":
+    import json
 
     data = _read_file(path)
     if data is None:
-        return []
+        return LeaseList()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LibvirtDataError(f"{path}: not UTF-8 (byte {e.start})") from None
     if not text.strip():
-        return []
+        return LeaseList()
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -482,17 +549,7 @@ def read_leases(path: str, now: Optional[float] = None) -> List[Lease]:
         raise LibvirtDataError(f"{path}: JSON nested too deeply") from None
     if not isinstance(doc, list):
         raise LibvirtDataError(f"{path}: expected a JSON array of leases, got {type(doc).__name__}")
-    if now is None:
-        now = time.time()
-    out = []
-    for entry in doc:
-        lease = _lease(entry)
-        if lease is None:
-            continue
-        if lease.expiry != 0 and lease.expiry <= now:
-            continue
-        out.append(lease)
-    return out
+    return LeaseList(lease for lease in map(_lease, doc) if lease is not None)
 
 
 def _lease(entry: object) -> Optional[Lease]:
@@ -540,9 +597,13 @@ def read_hostsfile(path: str) -> List[Tuple[str, str]]:
     """(mac, ip) pairs from libvirt's `<network>.hostsfile` (dnsmasq
     dhcp-hostsfile: `mac,ip[,name]`). Lines keyed by DUID or name (IPv6)
     are skipped, like in Network.dhcp_hosts."""
+    return list(_memo(path, "hosts", _parse_hostsfile))
+
+
+def _parse_hostsfile(path: str) -> tuple:
     data = _read_file(path)
     if data is None:
-        return []
+        return ()
     out: List[Tuple[str, str]] = []
     for line in data.decode("utf-8", "replace").splitlines():
         fields = [f.strip() for f in line.split(",")]
@@ -551,7 +612,7 @@ def read_hostsfile(path: str) -> List[Tuple[str, str]]:
         mac, ip = normalize_mac(fields[0]), _valid_ip(fields[1])
         if mac and ip and (mac, ip) not in out:
             out.append((mac, ip))
-    return out
+    return tuple(out)
 
 
 def _dir(paths: object, attr: str) -> str:
@@ -609,7 +670,10 @@ def running_network(paths: object, name: str) -> Optional[Network]:
     that event the hook's stdin is the source, not this."""
     if not _safe_name(name):
         return None
-    path = os.path.join(_dir(paths, "running_networks_dir"), f"{name}.xml")
+    return _memo(os.path.join(_dir(paths, "running_networks_dir"), f"{name}.xml"), "network", _network_file)
+
+
+def _network_file(path: str) -> Optional[Network]:
     data = _read_file(path)
     if data is None:
         return None

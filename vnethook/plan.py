@@ -196,18 +196,44 @@ def plan_guest(
 
 
 def _newest_first(leases, mac, now):
-    live = [l for l in leases if not now or l.expiry == 0 or l.expiry > now]
-    # An address leased to another MAC at least as recently is not ours:
-    # dnsmasq hands an address to one client at a time, so the older entry
-    # is stale (or the file is forged), and a forward must never reach the
-    # wrong guest. A tie holds neither guest's forwards.
-    rank = lambda l: float("inf") if l.expiry == 0 else l.expiry  # noqa: E731
+    """The guest's usable leases, newest first.
+
+    An address leased to another MAC at least as recently is not ours:
+    dnsmasq hands an address to one client at a time, so the older entry
+    is stale (or the file is forged), and a forward must never reach the
+    wrong guest. A tie holds neither guest's forwards.
+    """
+    by_mac, by_ip = _lease_index(leases)
+    live = lambda l: not now or l.expiry == 0 or l.expiry > now  # noqa: E731
     mine = [
-        l for l in live
-        if l.mac == mac and not any(o.ip == l.ip and o.mac != mac and rank(o) >= rank(l) for o in live)
+        l for l in by_mac.get(mac, ()) if live(l)
+        and not any(o.mac != mac and _rank(o) >= _rank(l) and live(o) for o in by_ip[l.ip])
     ]
     # expiry 0 means "never expires": treat it as the newest
     return sorted(mine, key=lambda l: (l.expiry == 0, l.expiry), reverse=True)
+
+
+def _rank(lease):
+    return float("inf") if lease.expiry == 0 else lease.expiry
+
+
+def _lease_index(leases):
+    """Leases by MAC and by address, built once per (read-only) lease list:
+    sync plans 1000 guests against one lease file."""
+    index = getattr(leases, "by_key", None)
+    if index is not None:
+        return index
+    by_mac: dict = {}
+    by_ip: dict = {}
+    for l in leases:
+        by_mac.setdefault(l.mac, []).append(l)
+        by_ip.setdefault(l.ip, []).append(l)
+    index = (by_mac, by_ip)
+    try:
+        leases.by_key = index  # libvirt.LeaseList: read-only, so the index stays true
+    except AttributeError:
+        pass  # a plain list or tuple: no place to keep it
+    return index
 
 
 def _dedupe(forwards):

@@ -64,17 +64,10 @@ def _run(argv) -> Optional[str]:
 
 
 def _has_libvirt_nft_table() -> bool:
-    import json
-
-    out = _run(["nft", "-j", "list", "tables"])
-    if not out:
-        return False
-    try:
-        items = json.loads(out).get("nftables", [])
-    except ValueError:
-        return False
-    return any(i.get("table", {}).get("name") == "libvirt_network"
-               and i["table"].get("family") in ("ip", "ip6") for i in items)
+    # One named table, not `list tables`: nftables 1.0.x fetches every rule
+    # and element of every table for that (60 ms next to 4000 iptables-nft
+    # rules, against 2 ms).
+    return any(_run(["nft", "list", "table", fam, "libvirt_network"]) is not None for fam in ("ip", "ip6"))
 
 
 def detect(paths, iptables: str = "/usr/sbin/iptables") -> Tuple[str, str]:
