@@ -102,7 +102,7 @@ class Tree:
         with open(STATUS_XML) as f:
             self.status_xml = f.read()
         self.running = 0
-        self.write_leases()
+        self.write_leases()  # empty: no other guest yet
 
     def env(self) -> dict:
         return {
@@ -159,13 +159,14 @@ class Tree:
             xml = xml.replace(FIXTURE_MAC, other_mac(i))
             _write(os.path.join(self.qemu, f"{other_name(i)}.xml"), xml)
         self.running = max(self.running, n)
+        self.write_leases()
 
     def write_leases(self, flip: int = -1) -> None:
-        """One lease per other guest in <bridge>.status (guest `flip` gets another address)."""
+        """One lease per running other guest in <bridge>.status (guest `flip` gets another address)."""
         exp = int(time.time()) + 86400
         leases = [{"ip-address": other_ip(i, i == flip), "mac-address": other_mac(i),
                    "hostname": other_name(i), "client-id": "01:" + other_mac(i), "expiry-time": exp}
-                  for i in range(1000)]
+                  for i in range(self.running)]
         _write(os.path.join(self.dnsmasq, f"{BRIDGE}.status"), json.dumps(leases, indent=2))
         self.flipped = flip
 

@@ -80,10 +80,16 @@ class Lease(Value):
 
 
 # --------------------------------------------------------------- helpers
+_CANONICAL_MAC = frozenset("0123456789abcdef:")
+
+
 def normalize_mac(value: object) -> Optional[str]:
     """`52:54:00:AB:c:1` -> `52:54:00:ab:0c:01`; None if it is not a MAC."""
     if not isinstance(value, str):
         return None
+    if len(value) == 17 and _CANONICAL_MAC.issuperset(value) and value.count(":") == 5 and \
+            value[2::3] == ":::::":
+        return value  # already canonical (what libvirt writes): the lease file has 1000s
     s = value.strip()
     parts = s.split(":") if ":" in s else s.split("-")
     if len(parts) != 6:
@@ -422,6 +428,10 @@ def _network_from(root, source: str) -> Network:
 def _valid_ip(value: object) -> Optional[str]:
     if not isinstance(value, str):
         return None
+    parts = value.split(".")
+    if len(parts) == 4 and all(p.isdigit() and p.isascii() and (p == "0" or p[0] != "0") and int(p) < 256
+                               for p in parts):
+        return value  # a canonical dotted quad, as ipaddress would print it
     import ipaddress
 
     try:

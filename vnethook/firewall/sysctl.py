@@ -14,10 +14,10 @@ process (the hook is short-lived) can restore them.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from typing import Dict, Iterable, Optional
+
+# json and tempfile are imported where used: `stopped` calls ensure_localnet
+# on every removal and usually has nothing to load or store.
 
 STATE_FILE = "route_localnet.json"
 _PROC = "/proc/sys/net/ipv4/conf"
@@ -47,6 +47,11 @@ def _write(path: str, value: str) -> bool:
 
 
 def _load(state_dir: str) -> Dict[str, str]:
+    path = os.path.join(state_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return {}
+    import json
+
     try:
         with open(os.path.join(state_dir, STATE_FILE)) as f:
             data = json.load(f)
@@ -63,6 +68,9 @@ def _store(state_dir: str, saved: Dict[str, str]) -> None:
         except FileNotFoundError:
             pass
         return
+    import json
+    import tempfile
+
     os.makedirs(state_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".route_localnet.")
     with os.fdopen(fd, "w") as f:
