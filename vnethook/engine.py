@@ -141,11 +141,19 @@ class Engine:
         bname = rec.get("backend") or self.selected_backend()[0]
         previous = None if rec.get("pending") else rec.get("rules")
         self.backend(bname).remove(key, previous)
-        for f in state.forwards_of(rec):
+        removed = state.forwards_of(rec)
+        for f in removed:
             log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", bname))
         state.delete(self.paths, key)
-        self._update_localnet()
+        if any(f.is_loopback for f in removed) or self._localnet_in_use():
+            self._update_localnet()
         return True
+
+    def _localnet_in_use(self) -> bool:
+        """Cheap check first: reading every record is O(guests)."""
+        from vnethook.firewall.sysctl import STATE_FILE
+
+        return os.path.exists(os.path.join(self.paths.state_dir, STATE_FILE))
 
     def _recover_if_needed(self) -> None:
         """Rebuild records from tagged rules when the state dir was lost.
