@@ -341,8 +341,11 @@ def parse_domain(data: bytes, source: str = "stdin") -> Domain:
 
 def _domain_from(root, source: str) -> Domain:
     root = _unwrap(root, source, "domain", ("domstatus",))
-    name = _text(root, "name")
-    if not name:
+    # Not stripped: libvirt keeps the name exactly as written, and a guest
+    # named " web" must never get web's forwards.
+    el = root.find("name")
+    name = el.text if el is not None else None
+    if not (name or "").strip():
         raise LibvirtDataError(f"{_where(source, root.sourceline)}: <domain> has no <name>")
     interfaces = []
     for el in root.findall("devices/interface"):

@@ -242,12 +242,6 @@ def test_fifty_concurrent_hooks_across_25_guests(host, record_property):
 
 # --------------------------------------------------------------------------- a kill between two steps
 
-@pytest.mark.xfail(strict=False, reason=(
-    "iptables backends: remove(key, None) tears the base down only for families where it found "
-    "the guest's rules, so a removal killed after deleting them but before _teardown_if_empty "
-    "leaves VNETHOOK-* chains and jumps that no later remove sees (found by the SIGKILL test; "
-    "engine.sync now drops such a base). Fix in vnethook/firewall/iptables_nft.py remove(), slow "
-    "path: `if old or st.present: families.add(fam)` (teardown is its own emptiness test)"))
 @pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy"], indirect=True)
 def test_backend_remove_after_half_done_removal_drops_the_base(host, tmp_path):
     import sys

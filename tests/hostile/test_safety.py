@@ -204,11 +204,6 @@ def test_address_outside_the_guest_network_is_refused_unless_allowed(host):
     assert host.foreign() == host.foreign(before)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "libvirt.parse_domain strips <name> (via _text); libvirt keeps the XPath string as is, so a "
-    "guest ' web' is planned as 'web' and gets web's forwards. Fix in vnethook/libvirt.py "
-    "parse_domain: `el = root.find('name'); name = el.text if el is not None else None` and "
-    "raise only when `not (name or '').strip()`"))
 def test_domain_name_whitespace_is_kept():
     from vnethook import libvirt
 

@@ -398,8 +398,10 @@ class IptablesNftBackend(Backend):
                 except FirewallError:
                     continue
                 old = st.guests.get(key, [])
-                if old:
+                if old or st.present:
+                    # also a base left by a removal killed before its teardown
                     families.add(fam)
+                if old:
                     sections = {}
                     self._diff_lines(sections, old, [])
                     self._restore(fam, self._batch(sections))
