@@ -246,6 +246,25 @@ def _failed(kind: str, obj: str, op: str, exc: BaseException) -> int:
     return 0
 
 
+def run_and_exit(kind: str) -> None:
+    """Entry point of the hook scripts: run, then leave without finalizing.
+
+    Interpreter finalization (module teardown, ctypes/libnftables
+    destructors) is pure cost for a process that libvirt waits on; the
+    atexit handlers that matter (nftables.py's socket hand-off) still run.
+    """
+    rc = main(kind)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    import atexit
+
+    atexit._run_exitfuncs()
+    os._exit(rc if isinstance(rc, int) else 1)
+
+
 def qemu_main() -> None:
     sys.exit(main("qemu"))
 

@@ -27,7 +27,7 @@ def test_dir_mode_installs_runnable_hooks_and_uninstall_removes_them(tmp_path, c
         path = os.path.join(_hooks(root), f"{kind}.d", "vnethook")
         assert os.access(path, os.X_OK)
         text = open(path).read()
-        assert text.startswith(f"#!{sys.executable}\n") and install.MARKER in text
+        assert text.startswith(f"#!{sys.executable}") and install.MARKER in text
         # the hook runs as libvirt runs it: reduced env, cwd /, prepare is a no-op
         cp = subprocess.run([path, "dom", "prepare", "begin", "-"], input=b"<domain/>", capture_output=True,
                             env={"LC_ALL": "C", "PATH": "/usr/bin:/bin",
