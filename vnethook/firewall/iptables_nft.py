@@ -19,7 +19,9 @@ The nat section carries only DNAT/masquerade, the filter section only
 accepts of DNATed connections, so such a mix is never a wider opening.
 
 Careful with `--noflush`: declaring an existing user chain (`:CHAIN`)
-flushes it, so chains are declared only when a listing showed them missing.
+flushes it, so the shared chains are declared only when a listing showed
+them missing; a guest's own chains are declared on purpose, to refill them
+(see iptables_rules for the layout).
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ class IptablesNftBackend(Backend):
         if not new:
             self.remove(key, previous)
             return []
-        record = [r.canonical for r in new]
+        record = [r.canonical for r in ir.place(key, new)]
         if previous is not None:
             try:
                 self._apply_fast(previous, record)
@@ -249,7 +251,7 @@ class IptablesNftBackend(Backend):
 
         A failed batch may have committed its earlier table sections (and an
         earlier family may be done): those are reverted with the inverse
-        lines, so the caller's fallback starts from the old state.
+        plan (new -> old), so the caller's fallback starts from the old state.
         """
         old_by, new_by = ir.by_family(previous), ir.by_family(record)
         done: List[tuple] = []  # (family, sections) committed so far
@@ -268,14 +270,16 @@ class IptablesNftBackend(Backend):
                         sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
                     else:
                         sections[j.table].append(f"-C {j.chain} {j.spec}")
-            self._diff_lines(sections, old, new)
+            self._plan(sections, old, new)
+            undo: Dict[str, List[str]] = {"nat": [], "filter": []}
+            self._plan(undo, new, old)
             try:
                 self._restore(fam, self._batch(sections))
             except RestoreError as e:
-                done += [(fam, {t: sections[t]}) for t in self._committed(sections, e.line)]
+                done += [(fam, {t: undo[t]}) for t in self._committed(sections, e.line)]
                 self._undo(done)
                 raise
-            done.append((fam, sections))
+            done.append((fam, undo))
 
     def _committed(self, sections: Dict[str, List[str]], line: Optional[int]) -> List[str]:
         """Tables of a failed batch that committed before the blamed line."""
@@ -293,34 +297,64 @@ class IptablesNftBackend(Backend):
         return out
 
     def _undo(self, done: List[tuple]) -> None:
-        for fam, sections in reversed(done):
-            inverse: Dict[str, List[str]] = {}
-            for table, lines in sections.items():
-                for ln in lines:
-                    op, _, rest = ln.partition(" ")
-                    chain = rest.split(" ", 1)[0]
-                    if chain not in ir.OUR_CHAINS.get(table, ()):
-                        continue  # jump re-seating: leave our jump on top
-                    inv = {"-A": "-D", "-D": "-A"}.get(op)
-                    if inv:
-                        inverse.setdefault(table, []).append(f"{inv} {rest}")
-            if inverse:
+        """Put committed tables back (inverse plans; FORWARD's jump stays on top)."""
+        for fam, inverse in reversed(done):
+            if any(inverse.values()):
                 try:
                     self._restore(fam, self._batch(inverse))
                 except FirewallError:
                     pass  # the slow path that follows lists and converges anyway
 
     @staticmethod
-    def _diff_lines(sections: Dict[str, List[str]], old: List[str], new: List[str]) -> None:
-        old_set, new_set = set(old), set(new)
-        for r in old:
-            if r not in new_set:
+    def _plan(sections: Dict[str, List[str]], old: List[str], new: List[str],
+              existing: Iterable[Tuple[str, str]] = ()) -> None:
+        """Lines that turn one family's rules of a guest from `old` into `new`.
+
+        A guest chain whose rules change is declared (created, or flushed if
+        it exists) and filled again: cheaper than deleting rules by spec,
+        and it never compares against another guest's rules. Rules in the
+        shared chains (the guest's jumps; or rules of the old one-chain
+        layout) are deleted and added by spec. A guest chain no longer
+        needed is flushed and deleted once its jump is gone. `existing`:
+        (table, chain) of this guest's chains a listing showed, beyond the
+        ones `old` has rules in (an empty chain left by a killed run).
+        """
+        def group(rules: List[str]):
+            own: Dict[Tuple[str, str], List[str]] = {}
+            shared: List[Tuple[str, str, str]] = []
+            for r in rules:
                 _, table, chain, spec = ir.split_canonical(r)
-                sections.setdefault(table, []).append(f"-D {chain} {spec}")
-        for r in new:
-            if r not in old_set:
-                _, table, chain, spec = ir.split_canonical(r)
-                sections.setdefault(table, []).append(f"-A {chain} {spec}")
+                if ir.is_guest_chain(chain):
+                    own.setdefault((table, chain), []).append(spec)
+                else:
+                    shared.append((table, chain, spec))
+            return own, shared
+
+        old_own, old_shared = group(old)
+        new_own, new_shared = group(new)
+        fill: Dict[str, List[str]] = {}
+        for (table, chain), specs in new_own.items():
+            if old_own.get((table, chain)) != specs:
+                lines = fill.setdefault(table, [])
+                lines.append(f":{chain} - [0:0]")
+                lines += [f"-A {chain} {spec}" for spec in specs]
+        old_set, new_set = set(old_shared), set(new_shared)
+        dele = [r for r in old_shared if r not in new_set]
+        add = [r for r in new_shared if r not in old_set]
+        drop = [tc for tc in dict.fromkeys(list(old_own) + list(existing)) if tc not in new_own]
+        for table in ir.TABLES:
+            out = sections.setdefault(table, [])
+            out += fill.get(table, [])
+            out += [f"-D {c} {s}" for t, c, s in dele if t == table]
+            out += [f"-A {c} {s}" for t, c, s in add if t == table]
+            out += [f"-F {c}" for t, c in drop if t == table]
+            out += [f"-X {c}" for t, c in drop if t == table]
+
+    @staticmethod
+    def _own_chains(st: ir.FamilyState, key: str) -> List[Tuple[str, str]]:
+        h = ir.chain_hash(key)
+        names = {p + h for p in ir.GUEST_CHAINS.values()}
+        return [(t, c) for t, cs in st.guest_chains.items() for c in sorted(cs) if c in names]
 
     def _apply_slow(self, key: str, record: List[str], revert: bool = True) -> None:
         """List, then replace the guest's tagged rules, family by family.
@@ -342,12 +376,13 @@ class IptablesNftBackend(Backend):
             for fam, st in states.items():
                 new = new_by.get(fam, [])
                 old = st.guests.get(key, [])
-                if not old and not new:
+                existing = self._own_chains(st, key)
+                if not old and not new and not existing:
                     continue
                 sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                 if new:
                     self._base_lines(fam, st, sections)
-                self._diff_lines(sections, old, new)
+                self._plan(sections, old, new, existing)
                 self._restore(fam, self._batch(sections))
         except FirewallError:
             if revert:
@@ -384,7 +419,7 @@ class IptablesNftBackend(Backend):
             try:
                 for fam, old in sorted(ir.by_family(previous).items()):
                     sections: Dict[str, List[str]] = {}
-                    self._diff_lines(sections, old, [])
+                    self._plan(sections, old, [])
                     self._remove_family(fam, self._batch(sections))
                     families.discard(fam)
                 done = True
@@ -398,12 +433,13 @@ class IptablesNftBackend(Backend):
                 except FirewallError:
                     continue
                 old = st.guests.get(key, [])
+                existing = self._own_chains(st, key)
                 if old or st.present:
                     # also a base left by a removal killed before its teardown
                     families.add(fam)
-                if old:
+                if old or existing:
                     sections = {}
-                    self._diff_lines(sections, old, [])
+                    self._plan(sections, old, [], existing)
                     self._restore(fam, self._batch(sections))
         for fam in sorted(families):
             self._teardown_if_empty(fam)
@@ -467,9 +503,10 @@ class IptablesNftBackend(Backend):
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             for (table, chain), specs in st.jumps.items():
                 sections[table] += [f"-D {chain} {s}" for s in specs]
-            for table, chains in st.chains.items():
-                sections[table] += [f"-F {c}" for c in sorted(chains)]
-                sections[table] += [f"-X {c}" for c in sorted(chains)]
+            for table in ir.TABLES:
+                chains = sorted(st.chains.get(table, set()) | st.guest_chains.get(table, set()))
+                sections[table] += [f"-F {c}" for c in chains]
+                sections[table] += [f"-X {c}" for c in chains]
             self._restore(fam, self._batch(sections))
 
     def ensure_base(self) -> None:
