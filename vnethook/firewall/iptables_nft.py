@@ -418,9 +418,9 @@ class IptablesNftBackend(Backend):
         if previous:
             try:
                 for fam, old in sorted(ir.by_family(previous).items()):
-                    sections: Dict[str, List[str]] = {}
+                    sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                     self._plan(sections, old, [])
-                    self._remove_family(fam, self._batch(sections))
+                    self._remove_family(fam, sections, old)
                     families.discard(fam)
                 done = True
             except FirewallError:
@@ -448,14 +448,52 @@ class IptablesNftBackend(Backend):
         """A subclass that replaced _restore (iptc) keeps its own transport."""
         return type(self)._restore is not IptablesNftBackend._restore
 
-    def _remove_family(self, fam: int, removal: str) -> None:
+    def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str]) -> None:
+        removal = self._batch(sections)
         if self._own_transport():
             self._restore(fam, removal)
             self._teardown_if_empty(fam)
             return
-        # The teardown rides in the same restore run (one spawn, and no
-        # wait for the run's end); its failure (other guests) is normal.
-        self._restore_steps(fam, [removal, self._teardown_batch(fam)])
+        last = self._only_guest(fam, old)
+        if last is None:
+            # The teardown rides in the same restore run (one spawn, and no
+            # wait for the run's end); its failure (other guests) is normal.
+            self._restore_steps(fam, [removal, self._teardown_batch(fam)])
+        elif last:
+            # Removal and teardown in one transaction per table: a second
+            # transaction on a table in the same run first waits for the
+            # first one's RCU grace period. If the count lied, the batch
+            # fails whole and remove() falls back to listing.
+            teardown = self._teardown_sections(fam)
+            self._restore(fam, self._batch({t: sections.get(t, []) + teardown[t] for t in ir.TABLES}))
+        else:
+            self._restore(fam, removal)
+
+    def _only_guest(self, fam: int, old: List[str]) -> Optional[bool]:
+        """Whether `old` holds everything in the shared chains; None if unknown.
+
+        The kernel counts each chain's rules plus the jumps to it: a shared
+        chain holding only this guest's jumps counts the base jumps into it
+        plus those. One O(1) netlink request per chain, instead of a
+        teardown that fails (and waits for an RCU grace period) whenever
+        other guests remain.
+        """
+        from vnethook.firewall.nfnetlink import chain_use
+
+        expect: Dict[Tuple[str, str], int] = {}
+        for j in ir.base_jumps(fam):
+            expect[(j.table, j.target)] = expect.get((j.table, j.target), 0) + 1
+        for r in old:
+            _, table, chain, _ = ir.split_canonical(r)
+            if (table, chain) in expect:
+                expect[(table, chain)] += 1
+        for (table, chain), n in expect.items():
+            use = chain_use(fam, table, chain)
+            if use is None:
+                return None
+            if use != n:
+                return False
+        return True
 
     def _teardown_if_empty(self, fam: int) -> None:
         """Drop our chains and jumps once no guest has rules left.
@@ -473,12 +511,16 @@ class IptablesNftBackend(Backend):
             pass
 
     def _teardown_batch(self, fam: int) -> str:
+        return self._batch(self._teardown_sections(fam))
+
+    @staticmethod
+    def _teardown_sections(fam: int) -> Dict[str, List[str]]:
         sections: Dict[str, List[str]] = {"nat": [], "filter": []}
         for j in ir.base_jumps(fam):
             sections[j.table].append(f"-D {j.chain} {j.spec}")
         for table, chains in ir.OUR_CHAINS.items():
             sections[table] += [f"-X {c}" for c in chains]
-        return self._batch(sections)
+        return sections
 
     def snapshot(self) -> Snapshot:
         states = []
