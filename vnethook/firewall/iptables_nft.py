@@ -165,6 +165,9 @@ class IptablesNftBackend(Backend):
     """iptables-nft: one restore batch per family per change."""
 
     name = "iptables-nft"
+    # Each guest in its own chains (iptables_rules.place): with nf_tables,
+    # a change then touches only the guest's chains and its jumps.
+    per_guest_chains = True
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
 
@@ -236,7 +239,7 @@ class IptablesNftBackend(Backend):
         if not new:
             self.remove(key, previous)
             return []
-        record = [r.canonical for r in ir.place(key, new)]
+        record = [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
         if previous is not None:
             try:
                 self._apply_fast(previous, record)
