@@ -67,3 +67,53 @@ def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> Opti
             return _struct.unpack_from("!I", data, off + 4)[0]
         off += (alen + 3) & ~3
     return None
+
+
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
+NLM_F_DUMP = 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
+
+
+def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> Optional[list]:
+    """The raw netlink messages of one chain's rules, in chain order; None if unknown.
+
+    A dump filtered to one chain: the kernel walks that chain only, where
+    `iptables -C` (or -D) first fetches every rule of the table.
+    """
+    import _socket
+    import _struct
+
+    try:
+        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return None
+    out = []
+    try:
+        sock.settimeout(timeout)
+        seq = (os.getpid() + 1) & 0x7FFFFFFF
+        body = _struct.pack("=BBH", FAMILY[family], 0, 0)
+        body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+        body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
+        sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                    + body, (0, 0))
+        while True:
+            data = sock.recv(1 << 17)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+                if length < 16 or rseq != seq:
+                    return None
+                if kind == NLMSG_DONE:
+                    return out
+                if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+                    return None  # NLMSG_ERROR: no such table or chain
+                out.append(data[off + 16:off + length])
+                off += (length + 3) & ~3
+            if not data:
+                return None
+    except OSError:
+        return None
+    finally:
+        sock.close()
