@@ -461,6 +461,12 @@ class IptablesLegacyBackend(IptablesNftBackend):
     """iptables-legacy: IPv4 through libiptc in-process, IPv6 through ip6tables-legacy-restore."""
 
     name = "iptables-legacy"
+    # Shared chains only. A legacy commit replaces the whole table anyway,
+    # so per-guest chains save nothing there and cost more: 3 chains per
+    # guest make the blob and libiptc's chain handling bigger (measured
+    # with 1000 guests: started 97 -> 115 ms, stopped 75 -> 92 ms). Both
+    # layouts are read and changed by the same code (iptables_nft._plan).
+    per_guest_chains = False
     restore_tools = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
     save_tools = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 

@@ -19,7 +19,9 @@ The nat section carries only DNAT/masquerade, the filter section only
 accepts of DNATed connections, so such a mix is never a wider opening.
 
 Careful with `--noflush`: declaring an existing user chain (`:CHAIN`)
-flushes it, so chains are declared only when a listing showed them missing.
+flushes it, so the shared chains are declared only when a listing showed
+them missing; a guest's own chains are declared on purpose, to refill them
+(see iptables_rules for the layout).
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ class IptablesNftBackend(Backend):
     """iptables-nft: one restore batch per family per change."""
 
     name = "iptables-nft"
+    # Each guest in its own chains (iptables_rules.place): with nf_tables,
+    # a change then touches only the guest's chains and its jumps.
+    per_guest_chains = True
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
 
@@ -234,7 +239,7 @@ class IptablesNftBackend(Backend):
         if not new:
             self.remove(key, previous)
             return []
-        record = [r.canonical for r in new]
+        record = [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
         if previous is not None:
             try:
                 self._apply_fast(previous, record)
@@ -249,14 +254,14 @@ class IptablesNftBackend(Backend):
 
         A failed batch may have committed its earlier table sections (and an
         earlier family may be done): those are reverted with the inverse
-        lines, so the caller's fallback starts from the old state.
+        plan (new -> old), so the caller's fallback starts from the old state.
         """
         old_by, new_by = ir.by_family(previous), ir.by_family(record)
         done: List[tuple] = []  # (family, sections) committed so far
         for fam in sorted(set(old_by) | set(new_by)):
             old, new = old_by.get(fam, []), new_by.get(fam, [])
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-            if new:
+            if new and not self._base_in_place(fam):
                 # A missing jump (-C, or -D of FORWARD's) fails the batch,
                 # which is how a vanished base sends us to the slow path.
                 # FORWARD's jump is re-seated at position 1 every time, as
@@ -268,14 +273,40 @@ class IptablesNftBackend(Backend):
                         sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
                     else:
                         sections[j.table].append(f"-C {j.chain} {j.spec}")
-            self._diff_lines(sections, old, new)
+            self._plan(sections, old, new)
+            undo: Dict[str, List[str]] = {"nat": [], "filter": []}
+            self._plan(undo, new, old)
             try:
                 self._restore(fam, self._batch(sections))
             except RestoreError as e:
-                done += [(fam, {t: sections[t]}) for t in self._committed(sections, e.line)]
+                done += [(fam, {t: undo[t]}) for t in self._committed(sections, e.line)]
                 self._undo(done)
                 raise
-            done.append((fam, sections))
+            done.append((fam, undo))
+
+    def _base_in_place(self, fam: int) -> bool:
+        """Whether every base jump is there once, FORWARD's first (False if unsure).
+
+        Asked with one netlink dump per builtin chain: `-C`/`-D` lines in the
+        batch would make the restore tool fetch every rule of both tables
+        (O(guests)). A jump is recognised by its target chain's name in the
+        rule's attributes. Only for our own restore transport: the legacy
+        tables are not nf_tables.
+        """
+        if self._own_transport() or self.restore_tools[fam] != IptablesNftBackend.restore_tools[fam]:
+            return False
+        from vnethook.firewall.nfnetlink import chain_rules
+
+        for j in ir.base_jumps(fam):
+            rules = chain_rules(fam, j.table, j.chain)
+            if rules is None:
+                return False
+            target = j.target.encode() + b"\0"
+            if sum(1 for r in rules if target in r) != 1:
+                return False
+            if j.chain == "FORWARD" and target not in rules[0]:
+                return False
+        return True
 
     def _committed(self, sections: Dict[str, List[str]], line: Optional[int]) -> List[str]:
         """Tables of a failed batch that committed before the blamed line."""
@@ -293,34 +324,64 @@ class IptablesNftBackend(Backend):
         return out
 
     def _undo(self, done: List[tuple]) -> None:
-        for fam, sections in reversed(done):
-            inverse: Dict[str, List[str]] = {}
-            for table, lines in sections.items():
-                for ln in lines:
-                    op, _, rest = ln.partition(" ")
-                    chain = rest.split(" ", 1)[0]
-                    if chain not in ir.OUR_CHAINS.get(table, ()):
-                        continue  # jump re-seating: leave our jump on top
-                    inv = {"-A": "-D", "-D": "-A"}.get(op)
-                    if inv:
-                        inverse.setdefault(table, []).append(f"{inv} {rest}")
-            if inverse:
+        """Put committed tables back (inverse plans; FORWARD's jump stays on top)."""
+        for fam, inverse in reversed(done):
+            if any(inverse.values()):
                 try:
                     self._restore(fam, self._batch(inverse))
                 except FirewallError:
                     pass  # the slow path that follows lists and converges anyway
 
     @staticmethod
-    def _diff_lines(sections: Dict[str, List[str]], old: List[str], new: List[str]) -> None:
-        old_set, new_set = set(old), set(new)
-        for r in old:
-            if r not in new_set:
+    def _plan(sections: Dict[str, List[str]], old: List[str], new: List[str],
+              existing: Iterable[Tuple[str, str]] = ()) -> None:
+        """Lines that turn one family's rules of a guest from `old` into `new`.
+
+        A guest chain whose rules change is declared (created, or flushed if
+        it exists) and filled again: cheaper than deleting rules by spec,
+        and it never compares against another guest's rules. Rules in the
+        shared chains (the guest's jumps; or rules of the old one-chain
+        layout) are deleted and added by spec. A guest chain no longer
+        needed is flushed and deleted once its jump is gone. `existing`:
+        (table, chain) of this guest's chains a listing showed, beyond the
+        ones `old` has rules in (an empty chain left by a killed run).
+        """
+        def group(rules: List[str]):
+            own: Dict[Tuple[str, str], List[str]] = {}
+            shared: List[Tuple[str, str, str]] = []
+            for r in rules:
                 _, table, chain, spec = ir.split_canonical(r)
-                sections.setdefault(table, []).append(f"-D {chain} {spec}")
-        for r in new:
-            if r not in old_set:
-                _, table, chain, spec = ir.split_canonical(r)
-                sections.setdefault(table, []).append(f"-A {chain} {spec}")
+                if ir.is_guest_chain(chain):
+                    own.setdefault((table, chain), []).append(spec)
+                else:
+                    shared.append((table, chain, spec))
+            return own, shared
+
+        old_own, old_shared = group(old)
+        new_own, new_shared = group(new)
+        fill: Dict[str, List[str]] = {}
+        for (table, chain), specs in new_own.items():
+            if old_own.get((table, chain)) != specs:
+                lines = fill.setdefault(table, [])
+                lines.append(f":{chain} - [0:0]")
+                lines += [f"-A {chain} {spec}" for spec in specs]
+        old_set, new_set = set(old_shared), set(new_shared)
+        dele = [r for r in old_shared if r not in new_set]
+        add = [r for r in new_shared if r not in old_set]
+        drop = [tc for tc in dict.fromkeys(list(old_own) + list(existing)) if tc not in new_own]
+        for table in ir.TABLES:
+            out = sections.setdefault(table, [])
+            out += fill.get(table, [])
+            out += [f"-D {c} {s}" for t, c, s in dele if t == table]
+            out += [f"-A {c} {s}" for t, c, s in add if t == table]
+            out += [f"-F {c}" for t, c in drop if t == table]
+            out += [f"-X {c}" for t, c in drop if t == table]
+
+    @staticmethod
+    def _own_chains(st: ir.FamilyState, key: str) -> List[Tuple[str, str]]:
+        h = ir.chain_hash(key)
+        names = {p + h for p in ir.GUEST_CHAINS.values()}
+        return [(t, c) for t, cs in st.guest_chains.items() for c in sorted(cs) if c in names]
 
     def _apply_slow(self, key: str, record: List[str], revert: bool = True) -> None:
         """List, then replace the guest's tagged rules, family by family.
@@ -342,12 +403,13 @@ class IptablesNftBackend(Backend):
             for fam, st in states.items():
                 new = new_by.get(fam, [])
                 old = st.guests.get(key, [])
-                if not old and not new:
+                existing = self._own_chains(st, key)
+                if not old and not new and not existing:
                     continue
                 sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                 if new:
                     self._base_lines(fam, st, sections)
-                self._diff_lines(sections, old, new)
+                self._plan(sections, old, new, existing)
                 self._restore(fam, self._batch(sections))
         except FirewallError:
             if revert:
@@ -383,9 +445,9 @@ class IptablesNftBackend(Backend):
         if previous:
             try:
                 for fam, old in sorted(ir.by_family(previous).items()):
-                    sections: Dict[str, List[str]] = {}
-                    self._diff_lines(sections, old, [])
-                    self._remove_family(fam, self._batch(sections))
+                    sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+                    self._plan(sections, old, [])
+                    self._remove_family(fam, sections, old)
                     families.discard(fam)
                 done = True
             except FirewallError:
@@ -398,12 +460,13 @@ class IptablesNftBackend(Backend):
                 except FirewallError:
                     continue
                 old = st.guests.get(key, [])
+                existing = self._own_chains(st, key)
                 if old or st.present:
                     # also a base left by a removal killed before its teardown
                     families.add(fam)
-                if old:
+                if old or existing:
                     sections = {}
-                    self._diff_lines(sections, old, [])
+                    self._plan(sections, old, [], existing)
                     self._restore(fam, self._batch(sections))
         for fam in sorted(families):
             self._teardown_if_empty(fam)
@@ -412,14 +475,52 @@ class IptablesNftBackend(Backend):
         """A subclass that replaced _restore (iptc) keeps its own transport."""
         return type(self)._restore is not IptablesNftBackend._restore
 
-    def _remove_family(self, fam: int, removal: str) -> None:
+    def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str]) -> None:
+        removal = self._batch(sections)
         if self._own_transport():
             self._restore(fam, removal)
             self._teardown_if_empty(fam)
             return
-        # The teardown rides in the same restore run (one spawn, and no
-        # wait for the run's end); its failure (other guests) is normal.
-        self._restore_steps(fam, [removal, self._teardown_batch(fam)])
+        last = self._only_guest(fam, old)
+        if last is None:
+            # The teardown rides in the same restore run (one spawn, and no
+            # wait for the run's end); its failure (other guests) is normal.
+            self._restore_steps(fam, [removal, self._teardown_batch(fam)])
+        elif last:
+            # Removal and teardown in one transaction per table: a second
+            # transaction on a table in the same run first waits for the
+            # first one's RCU grace period. If the count lied, the batch
+            # fails whole and remove() falls back to listing.
+            teardown = self._teardown_sections(fam)
+            self._restore(fam, self._batch({t: sections.get(t, []) + teardown[t] for t in ir.TABLES}))
+        else:
+            self._restore(fam, removal)
+
+    def _only_guest(self, fam: int, old: List[str]) -> Optional[bool]:
+        """Whether `old` holds everything in the shared chains; None if unknown.
+
+        The kernel counts each chain's rules plus the jumps to it: a shared
+        chain holding only this guest's jumps counts the base jumps into it
+        plus those. One O(1) netlink request per chain, instead of a
+        teardown that fails (and waits for an RCU grace period) whenever
+        other guests remain.
+        """
+        from vnethook.firewall.nfnetlink import chain_use
+
+        expect: Dict[Tuple[str, str], int] = {}
+        for j in ir.base_jumps(fam):
+            expect[(j.table, j.target)] = expect.get((j.table, j.target), 0) + 1
+        for r in old:
+            _, table, chain, _ = ir.split_canonical(r)
+            if (table, chain) in expect:
+                expect[(table, chain)] += 1
+        for (table, chain), n in expect.items():
+            use = chain_use(fam, table, chain)
+            if use is None:
+                return None
+            if use != n:
+                return False
+        return True
 
     def _teardown_if_empty(self, fam: int) -> None:
         """Drop our chains and jumps once no guest has rules left.
@@ -437,12 +538,16 @@ class IptablesNftBackend(Backend):
             pass
 
     def _teardown_batch(self, fam: int) -> str:
+        return self._batch(self._teardown_sections(fam))
+
+    @staticmethod
+    def _teardown_sections(fam: int) -> Dict[str, List[str]]:
         sections: Dict[str, List[str]] = {"nat": [], "filter": []}
         for j in ir.base_jumps(fam):
             sections[j.table].append(f"-D {j.chain} {j.spec}")
         for table, chains in ir.OUR_CHAINS.items():
             sections[table] += [f"-X {c}" for c in chains]
-        return self._batch(sections)
+        return sections
 
     def snapshot(self) -> Snapshot:
         states = []
@@ -467,9 +572,10 @@ class IptablesNftBackend(Backend):
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             for (table, chain), specs in st.jumps.items():
                 sections[table] += [f"-D {chain} {s}" for s in specs]
-            for table, chains in st.chains.items():
-                sections[table] += [f"-F {c}" for c in sorted(chains)]
-                sections[table] += [f"-X {c}" for c in sorted(chains)]
+            for table in ir.TABLES:
+                chains = sorted(st.chains.get(table, set()) | st.guest_chains.get(table, set()))
+                sections[table] += [f"-F {c}" for c in chains]
+                sections[table] += [f"-X {c}" for c in chains]
             self._restore(fam, self._batch(sections))
 
     def ensure_base(self) -> None:

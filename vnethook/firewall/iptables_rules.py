@@ -11,7 +11,17 @@ canonical form stored in records and reported by snapshots, so a record
 and a listing of the firewall compare equal as plain string sets.
 
 A canonical rule string is "<family> <table> -A <chain> <spec>", e.g.
-`4 nat -A VNETHOOK-DNAT -d 198.51.100.1/32 -p tcp -m tcp --dport 8080 ...`.
+`4 nat -A VNETHOOK-D-0123456789 -d 198.51.100.1/32 -p tcp -m tcp --dport 8080 ...`.
+
+Layout: every guest has its own chains (VNETHOOK-D-/-S- in nat, VNETHOOK-F- in
+filter, named by a hash of its key), each jumped from the shared
+VNETHOOK-* chain by one tagged rule. Why: iptables-nft-restore compares a
+deleted rule's spec against every rule it fetched, and x_tables offers no
+cheaper delete, so with all guests in shared chains a guest's change grew
+with the number of guests. A guest chain is replaced by declaring it
+(`:CHAIN`, which flushes it in --noflush mode) and appending its rules,
+and removed by -F/-X: none of that compares against other guests' rules.
+Only the jump rules in the shared chains are added and deleted by spec.
 
 Only stdlib here: the hook path imports this module.
 """
@@ -27,6 +37,10 @@ from vnethook.model import Forward, Value
 CHAIN_DNAT = "VNETHOOK-DNAT"
 CHAIN_SNAT = "VNETHOOK-SNAT"
 CHAIN_FWD = "VNETHOOK-FWD"
+# A guest's own chains: prefix + 10 hex digits of its key's hash (21 of
+# iptables' 28 characters). The name says vnethook, like all we create.
+GUEST_CHAINS = {CHAIN_DNAT: "VNETHOOK-D-", CHAIN_SNAT: "VNETHOOK-S-", CHAIN_FWD: "VNETHOOK-F-"}
+_GUEST_PREFIXES = frozenset(GUEST_CHAINS.values())
 OUR_CHAINS = {"nat": (CHAIN_DNAT, CHAIN_SNAT), "filter": (CHAIN_FWD,)}
 TABLES = ("nat", "filter")  # order of commits: see apply() in the backends
 FAMILIES = (4, 6)
@@ -173,6 +187,48 @@ def render_forward(fw: Forward) -> List[Rule]:
     return rules
 
 
+def chain_hash(key: str) -> str:
+    """10 hex digits of the key's BLAKE2b: a chain name of 16 characters (limit 28).
+
+    _blake2 directly: hashlib's import loads OpenSSL (~3 ms on the hook path).
+    """
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # pragma: no cover - every CPython build has it
+        from hashlib import blake2b
+    return blake2b(key.encode("utf-8", "surrogateescape"), digest_size=5).hexdigest()
+
+
+def guest_chain(shared: str, key: str) -> str:
+    return GUEST_CHAINS[shared] + chain_hash(key)
+
+
+def is_guest_chain(chain: str) -> bool:
+    return chain[:11] in _GUEST_PREFIXES
+
+
+def place(key: str, rules: Iterable[Rule]) -> List[Rule]:
+    """Move rendered rules into the guest's own chains, plus one tagged jump per chain.
+
+    The rules come first, then the jumps (record order; batches order
+    their lines themselves).
+    """
+    out: List[Rule] = []
+    jumps: List[Rule] = []
+    seen: Set[Tuple[int, str]] = set()
+    h = chain_hash(key)
+    tag = f"{TAG}:{key}"
+    for r in rules:
+        own = GUEST_CHAINS[r.chain] + h
+        fields = {f: getattr(r, f) for f in Rule._fields}
+        fields["chain"] = own
+        out.append(Rule(**fields))
+        if (r.family, r.chain) not in seen:
+            seen.add((r.family, r.chain))
+            jumps.append(Rule(r.family, r.table, r.chain, own, comment=tag))
+    return out + jumps
+
+
 def render(forwards: Iterable[Forward]) -> List[Rule]:
     """All rules of a guest's forwards, deduplicated, in a stable order."""
     out: List[Rule] = []
@@ -229,7 +285,8 @@ class FamilyState(Value, frozen=False):
     """What one family's listing says about vnethook's rules and base."""
 
     family: int
-    chains: Dict[str, Set[str]]  # table -> our chains that exist
+    chains: Dict[str, Set[str]]  # table -> our shared chains that exist
+    guest_chains: Dict[str, Set[str]]  # table -> guests' own chains that exist
     guests: Dict[str, List[str]]  # key -> canonical rules (listed order)
     untagged: List[str]  # canonical rules in our chains without a tag
     jumps: Dict[Tuple[str, str], List[str]]  # (table, builtin chain) -> our jump specs
@@ -237,7 +294,8 @@ class FamilyState(Value, frozen=False):
 
     @property
     def present(self) -> bool:
-        return any(self.chains.values()) or any(self.jumps.values())
+        return (any(self.chains.values()) or any(self.jumps.values())
+                or any(self.guest_chains.values()))
 
     def problems(self) -> List[str]:
         """Why the base is not as apply() leaves it; [] when absent or fine."""
@@ -264,16 +322,17 @@ def family_state(family: int, tables: Dict[str, SavedTable]) -> FamilyState:
     import re
 
     ours = {c for cs in OUR_CHAINS.values() for c in cs}
-    st = FamilyState(family, {}, {}, [], {}, None)
+    st = FamilyState(family, {}, {}, {}, [], {}, None)
     for table in TABLES:
         t = tables.get(table)
         if t is None:
             continue
         st.chains[table] = t.chains & set(OUR_CHAINS[table])
+        st.guest_chains[table] = {c for c in t.chains if is_guest_chain(c)}
         for chain, spec in t.rules:
             if table == "filter" and chain == "FORWARD" and st.first_forward is None:
                 st.first_forward = spec
-            if chain in ours:
+            if chain in ours or is_guest_chain(chain):
                 canon = f"{family} {table} -A {chain} {spec}"
                 k = key_of(spec)
                 if k is None:

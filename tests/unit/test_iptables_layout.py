@@ -1,0 +1,170 @@
+"""The per-guest chain layout of iptables-nft, as pure logic.
+
+What the restore batches do to a kernel is proven in tests/acceptance
+(real rules, real packets, byte-identical teardown). Here: chain names fit
+iptables' limit and differ per guest, `place` gives every rule a guest
+chain and one tagged jump per chain, and `_plan` changes a guest by
+refilling only the chains that changed, deletes only by spec in the
+shared chains, and its inverse plan (new -> old) is what the fast path
+uses to undo committed tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from typing import Any, Dict, List
+
+import pytest
+
+from vnethook.firewall import iptables_rules as ir
+from vnethook.firewall.iptables_nft import IptablesNftBackend
+from vnethook.model import Forward
+
+
+def fwd(**kw: Any) -> Forward:
+    d: dict = dict(domain="web1", mac="52:54:00:00:00:01", network="default", bridge="virbr0",
+                   subnet="192.0.2.0/24", family=4, guest_address="192.0.2.10", protocol="tcp",
+                   host_address=None, host_ports=(8080, 8080), guest_ports=(80, 80), origin="t:1")
+    d.update(kw)
+    return Forward(**d)
+
+
+def record(forwards: List[Forward]) -> List[str]:
+    return [r.canonical for r in ir.place(forwards[0].key, ir.render(forwards))]
+
+
+def plan(old: List[str], new: List[str], existing=()) -> Dict[str, List[str]]:
+    sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+    IptablesNftBackend._plan(sections, old, new, existing)
+    return sections
+
+
+def test_chain_names_fit_and_differ():
+    names = set()
+    for dom in ["web1", "web2", "a" * 200, "ünïcode-guest", "web1 "]:
+        key = fwd(domain=dom).key
+        for shared in ir.GUEST_CHAINS:
+            c = ir.guest_chain(shared, key)
+            assert len(c) <= 28 and ir.is_guest_chain(c) and c.startswith("VNETHOOK-")
+            names.add(c)
+    assert len(names) == 15
+    assert not any(ir.is_guest_chain(c) for cs in ir.OUR_CHAINS.values() for c in cs)
+
+
+def test_place_moves_rules_and_adds_one_tagged_jump_per_chain():
+    fws = [fwd(), fwd(protocol="udp")]
+    rules = ir.place(fws[0].key, ir.render(fws))
+    jumps = [r for r in rules if not ir.is_guest_chain(r.chain)]
+    assert sorted((j.chain, j.target) for j in jumps) == sorted(
+        (s, ir.guest_chain(s, fws[0].key)) for s in ir.GUEST_CHAINS)
+    assert all(ir.key_of(r.spec) == fws[0].key for r in rules)
+    assert all(ir.is_guest_chain(r.chain) for r in rules if r not in jumps)
+
+
+def test_new_guest_declares_fills_then_jumps():
+    new = record([fwd()])
+    s = plan([], new)
+    for table, lines in s.items():
+        decl = [i for i, ln in enumerate(lines) if ln.startswith(":")]
+        jumps = [i for i, ln in enumerate(lines) if ln.startswith("-A VNETHOOK-") and
+                 not ir.is_guest_chain(ln.split()[1])]
+        assert decl and jumps and max(decl) < min(jumps)
+        assert not any(ln.startswith("-D") for ln in lines)
+
+
+def test_change_refills_only_the_changed_chain_and_keeps_jumps():
+    old = record([fwd()])
+    new = record([fwd(host_ports=(8081, 8081))])  # DNAT changes; accept and masquerade do not
+    s = plan(old, new)
+    assert s["filter"] == []
+    dnat = ir.guest_chain(ir.CHAIN_DNAT, fwd().key)
+    assert s["nat"][0] == f":{dnat} - [0:0]"
+    assert all(ln.split()[1] == dnat for ln in s["nat"][1:])
+
+
+def test_remove_flushes_unjumps_and_deletes_chains():
+    old = record([fwd()])
+    s = plan(old, [])
+    for table, lines in s.items():
+        ops = [ln.split()[0] for ln in lines]
+        assert set(ops) == {"-D", "-F", "-X"}
+        assert ops.index("-X") > max(i for i, o in enumerate(ops) if o == "-D")
+        assert all(ln.startswith("-D VNETHOOK-") for ln in lines if ln.startswith("-D"))
+
+
+def test_inverse_plan_restores_the_old_chains():
+    old = record([fwd()])
+    new = record([fwd(), fwd(protocol="udp")])
+    undo = plan(new, old)
+    # every chain of the old record is refilled with exactly its old rules
+    for table in ir.TABLES:
+        lines = undo[table]
+        for r in old:
+            _, t, chain, spec = ir.split_canonical(r)
+            if t == table and ir.is_guest_chain(chain):
+                assert f"-A {chain} {spec}" in lines
+
+
+def test_upgrade_from_the_shared_layout_deletes_by_spec():
+    shared = [r.canonical for r in ir.render([fwd()])]
+    s = plan(shared, record([fwd()]))
+    deleted = [ln for lines in s.values() for ln in lines if ln.startswith("-D")]
+    assert len(deleted) == len(shared)
+
+
+def test_slow_path_drops_an_empty_chain_left_behind():
+    key = fwd().key
+    left = ("nat", ir.guest_chain(ir.CHAIN_SNAT, key))
+    s = plan([], [], [left])
+    assert s["nat"] == [f"-F {left[1]}", f"-X {left[1]}"]
+
+
+# --- the kernel's answers (private network namespace) ------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _why_not():
+    if os.geteuid() != 0:
+        return "needs root (a private network namespace)"
+    for tool in ("unshare", "iptables-nft-restore"):
+        if not shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin"):
+            return f"needs {tool}"
+    return None
+
+
+@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+def test_netlink_counts_and_base_check_match_the_kernel():
+    code = textwrap.dedent("""
+        import json, subprocess, sys
+        sys.path.insert(0, %r)
+        from vnethook.firewall.nfnetlink import chain_use, chain_rules
+        from vnethook.firewall.iptables_nft import IptablesNftBackend
+        be = IptablesNftBackend()
+        out = {"before": [chain_use(4, "filter", "VNETHOOK-FWD"), be._base_in_place(4)]}
+        subprocess.run(["iptables-nft-restore", "--noflush"], check=True, input=(
+            "*filter\\n:VNETHOOK-FWD - [0:0]\\n:X - [0:0]\\n-A FORWARD -j ACCEPT\\n"
+            "-I FORWARD 1 -j VNETHOOK-FWD\\n-A VNETHOOK-FWD -j X\\n-A VNETHOOK-FWD -j ACCEPT\\nCOMMIT\\n"
+            "*nat\\n:VNETHOOK-DNAT - [0:0]\\n:VNETHOOK-SNAT - [0:0]\\n"
+            "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j VNETHOOK-DNAT\\n"
+            "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j VNETHOOK-DNAT\\n"
+            "-I POSTROUTING 1 -j VNETHOOK-SNAT\\nCOMMIT\\n").encode())
+        out["after"] = [chain_use(4, "filter", "VNETHOOK-FWD"), chain_use(4, "filter", "X"),
+                        chain_use(4, "nat", "VNETHOOK-DNAT"), len(chain_rules(4, "filter", "FORWARD")),
+                        be._base_in_place(4), be._base_in_place(6)]
+        subprocess.run(["iptables-nft", "-I", "FORWARD", "1", "-j", "DROP"], check=True)
+        out["displaced"] = be._base_in_place(4)
+        print(json.dumps(out))
+    """ % REPO)
+    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["before"] == [None, False]
+    # VNETHOOK-FWD: 2 rules + FORWARD's jump; X: one jump; VNETHOOK-DNAT: two jumps
+    assert out["after"] == [3, 1, 2, 2, True, False]
+    assert out["displaced"] is False
