@@ -12,7 +12,7 @@ Only stdlib builtins (_socket, _struct): the hook path imports this.
 from __future__ import annotations
 
 import os
-from typing import Optional
+
 
 AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER = 16, 3, 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -29,7 +29,7 @@ def _attr(kind: int, value: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
-def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> Optional[int]:
+def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int | None":
     """Rules in `chain` plus jumps to it, or None if the kernel did not say."""
     import _socket
     import _struct
@@ -75,7 +75,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
 
 
-def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> Optional[list]:
+def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "list | None":
     """The raw netlink messages of one chain's rules, in chain order; None if unknown.
 
     A dump filtered to one chain: the kernel walks that chain only, where
