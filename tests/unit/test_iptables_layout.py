@@ -189,6 +189,12 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
             calls.append(real(*a, **kw))
             return calls[-1]
         nfnetlink.delete_batch = spy
+        probes = []
+        real_probe = nfnetlink.probe_jumps
+        def probe(*a, **kw):
+            probes.append(real_probe(*a, **kw) is not None)
+            return None if not probes[-1] else real_probe(*a, **kw)
+        nfnetlink.probe_jumps = probe
         save = lambda: subprocess.run(["iptables-nft-save"], capture_output=True, text=True).stdout + \\
             subprocess.run(["ip6tables-nft-save"], capture_output=True, text=True).stdout
         be = IptablesNftBackend()
@@ -198,8 +204,9 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
         be.remove(K("gb"), recs["gb"])
         text = save()
         out["plain"] = [list(calls), "vnethook:gb" in text, ir.chain_hash(K("gb")) in text,
-                        text.count("vnethook:ga"), text.count("vnethook:gc")]
+                        text.count("vnethook:ga"), text.count("vnethook:gc"), list(probes)]
         calls.clear()
+        probes.clear()
         # A doubtful jump (an extra match on it) to gc's chain: never deleted by handle.
         fwd = ir.guest_chain(ir.CHAIN_FWD, K("gc"))
         subprocess.run(["iptables-nft", "-D", "VNETHOOK-FWD", "-m", "comment", "--comment", "vnethook:" + K("gc"),
@@ -208,7 +215,8 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
                         "--comment", "vnethook:" + K("gc"), "-j", fwd], check=True)
         be.remove(K("gc"), recs["gc"])
         text = save()
-        out["doubt"] = [list(calls), "vnethook:gc" in text, ir.chain_hash(K("gc")) in text, text.count("vnethook:ga")]
+        out["doubt"] = [list(calls), "vnethook:gc" in text, ir.chain_hash(K("gc")) in text, text.count("vnethook:ga"),
+                        list(probes)]
         print(json.dumps(out))
     """ % REPO)
     p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
@@ -216,10 +224,11 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     # one transaction per family; gb gone without a trace, the others intact
-    # (per family: 3 rules in own chains + 3 jumps each)
-    assert out["plain"] == [[True, True], False, False, 12, 12]
+    # (per family: 3 rules in own chains + 3 jumps each); the handles were
+    # found by probing next to the chains' handles, without a dump
+    assert out["plain"] == [[True, True], False, False, 12, 12, [True, True]]
     # gc's doubtful IPv4 jump is not deleted by handle; the by-spec delete then
     # fails too (the rule differs from the record), so the listing path removes
     # everything of gc, both families, and nothing else
     assert out["doubt"][0] == []
-    assert out["doubt"][1:] == [False, False, 12]
+    assert out["doubt"][1:] == [False, False, 12, [False]]

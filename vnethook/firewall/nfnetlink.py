@@ -270,6 +270,104 @@ def _dump_hits(family: int, table: str, chain: str, needles: "list", timeout: fl
         sock.close()
 
 
+NFTA_CHAIN_HANDLE = 2
+
+
+def _exchange(sock, reqs: "list") -> "dict | None":
+    """Send non-dump requests [(seq, message)] at once; {seq: reply body or None (error)}."""
+    import _struct
+
+    sock.sendto(b"".join(m for _, m in reqs), (0, 0))
+    want = {seq for seq, _ in reqs}
+    out = {}
+    while want:
+        data = sock.recv(1 << 17)
+        if not data:
+            return None
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+            if length < 16 or rseq not in want:
+                return None
+            want.discard(rseq)
+            out[rseq] = None if kind == NLMSG_ERROR else (kind, data[off + 16:off + length])
+            off += (length + 3) & ~3
+    return out
+
+
+def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) -> "list | None":
+    """Like find_jumps, without a dump: the jump's handle is guessed, then checked.
+
+    Why it finds it: a table hands out chain and rule handles from one
+    counter, and a guest's chain and the jump to it are created in the same
+    transaction (apply's restore run), the jump after the chain's rules. So
+    the jump's handle is among the `span` handles after the chain's own
+    (span: at least the guest's rules plus chains). Each candidate is asked
+    for by handle (the kernel answers each without serialising the chain),
+    and a hit is used only if it is exactly the tagged jump. A miss (a jump
+    added later, e.g. after an upgrade) gives None: dump instead.
+    """
+    import _socket
+    import _struct
+
+    fam = FAMILY[family]
+    try:
+        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return None
+    try:
+        sock.settimeout(timeout)
+        seq = ((os.getpid() << 10) + 7) & 0x3FFFFFFF
+        items = [(table, chain, target, comment) for table, chain, targets in wanted
+                 for target, comment in targets.items()]
+        reqs = []
+        for i, (table, _, target, _) in enumerate(items):
+            body = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") \
+                + _attr(NFTA_CHAIN_NAME, target.encode() + b"\0")
+            reqs.append((seq + i, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
+                                               | NFT_MSG_GETCHAIN, NLM_F_REQUEST, seq + i, 0) + body))
+        got = _exchange(sock, reqs)
+        if got is None:
+            return None
+        bases = []
+        for i in range(len(items)):
+            reply = got.get(seq + i)
+            attrs = _attrs(reply[1][4:]) if reply and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN \
+                else None
+            h = _one(attrs, NFTA_CHAIN_HANDLE) if attrs is not None else None
+            if h is None or len(h) != 8:
+                return None
+            bases.append(_struct.unpack("!Q", h)[0])
+        seq += len(items)
+        reqs, owner = [], {}
+        for i, ((table, chain, _, _), base) in enumerate(zip(items, bases)):
+            head = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_RULE_TABLE, table.encode() + b"\0") \
+                + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+            for h in range(base + 1, base + 1 + span):
+                body = head + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))
+                reqs.append((seq, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
+                                               | NFT_MSG_GETRULE, NLM_F_REQUEST, seq, 0) + body))
+                owner[seq] = i
+                seq += 1
+        got = _exchange(sock, reqs)
+        if got is None:
+            return None
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    hits = [[] for _ in items]
+    for rseq, reply in got.items():
+        if reply is not None and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+            table, chain, target, comment = items[owner[rseq]]
+            handle = jump_handle(reply[1], target, comment)
+            if handle is not None:
+                hits[owner[rseq]].append(handle)
+    if any(len(h) != 1 for h in hits):
+        return None
+    return [(table, chain, target, h[0]) for (table, chain, target, _), h in zip(items, hits)]
+
+
 def find_jumps(family: int, wanted: "list", timeout: float = 2.0) -> "list | None":
     """Handles of tagged jumps: [(table, chain, target, handle)], or None.
 
