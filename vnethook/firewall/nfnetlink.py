@@ -1,4 +1,4 @@
-"""One nf_tables question asked over netlink directly: how used is a chain?
+"""nf_tables over raw netlink: how used is a chain, which rules, delete by handle.
 
 Why: removing a guest must also drop vnethook's base once the last guest
 is gone. Trying the teardown and letting it fail costs a restore run that
@@ -6,7 +6,10 @@ waits for the removal's RCU grace period (5-25 ms), and listing the table
 costs O(guests). The kernel already counts, per chain, its rules plus the
 jumps to it (NFTA_CHAIN_USE), and answers one GETCHAIN request in O(1).
 
-Only stdlib builtins (_socket, _struct): the hook path imports this.
+Removing a guest deletes its jumps by handle (found without listing the
+other guests) in one transaction: see delete_batch and probe_jumps.
+
+Only stdlib builtins (_socket, _struct, _thread): the hook path imports this.
 """
 
 from __future__ import annotations
