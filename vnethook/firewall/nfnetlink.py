@@ -1,4 +1,4 @@
-"""One nf_tables question asked over netlink directly: how used is a chain?
+"""nf_tables over raw netlink: how used is a chain, which rules, delete by handle.
 
 Why: removing a guest must also drop vnethook's base once the last guest
 is gone. Trying the teardown and letting it fail costs a restore run that
@@ -6,7 +6,10 @@ waits for the removal's RCU grace period (5-25 ms), and listing the table
 costs O(guests). The kernel already counts, per chain, its rules plus the
 jumps to it (NFTA_CHAIN_USE), and answers one GETCHAIN request in O(1).
 
-Only stdlib builtins (_socket, _struct): the hook path imports this.
+Removing a guest deletes its jumps by handle (found without listing the
+other guests) in one transaction: see delete_batch and probe_jumps.
+
+Only stdlib builtins (_socket, _struct, _thread): the hook path imports this.
 """
 
 from __future__ import annotations
@@ -117,3 +120,439 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
         return None
     finally:
         sock.close()
+
+
+# --- deleting a guest's jumps and chains in one transaction -----------------
+
+NFT_MSG_DELCHAIN, NFT_MSG_DELRULE = 5, 8
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NLM_F_ACK = 4
+NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 3, 4
+NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
+NFTA_MATCH_NAME, NFTA_MATCH_INFO = 1, 3
+NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
+NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 2, 1, 2
+NFT_JUMP = 0xFFFFFFFD  # -3 as be32
+
+
+def _attrs(data: bytes) -> "list | None":
+    """(type, value) of a run of netlink attributes; None if malformed."""
+    import _struct
+
+    out, off = [], 0
+    while off < len(data):
+        if off + 4 > len(data):
+            return None
+        alen, akind = _struct.unpack_from("=HH", data, off)
+        if alen < 4 or off + alen > len(data):
+            return None
+        out.append((akind & 0x3FFF, data[off + 4:off + alen]))
+        off += (alen + 3) & ~3
+    return out
+
+
+def _one(attrs: list, kind: int) -> "bytes | None":
+    found = [v for k, v in attrs if k == kind]
+    return found[0] if len(found) == 1 else None
+
+
+def jump_handle(rule: bytes, target: str, comment: str) -> "int | None":
+    """The handle of `rule` if it is exactly iptables-nft's tagged jump, else None.
+
+    Exactly: `-m comment --comment <comment> -j <target>` and nothing else
+    (a counter is allowed: iptables-nft adds one). Anything else, however
+    close, is not ours to delete by handle.
+    """
+    import _struct
+
+    top = _attrs(rule[4:])  # after nfgenmsg
+    if top is None:
+        return None
+    handle, exprs = _one(top, NFTA_RULE_HANDLE), _one(top, NFTA_RULE_EXPRESSIONS)
+    if handle is None or len(handle) != 8 or exprs is None:
+        return None
+    elems = _attrs(exprs)
+    if not elems or any(k != NFTA_LIST_ELEM for k, _ in elems):
+        return None
+    names, commented, jumps = [], False, False
+    for _, elem in elems:
+        ea = _attrs(elem)
+        name = _one(ea, NFTA_EXPR_NAME) if ea is not None else None
+        data = _one(ea, NFTA_EXPR_DATA) if ea is not None else None
+        if name is None:
+            return None
+        name = name.rstrip(b"\0")
+        names.append(name)
+        if name == b"counter":
+            continue
+        da = _attrs(data) if data is not None else None
+        if da is None:
+            return None
+        if name == b"match":
+            info = _one(da, NFTA_MATCH_INFO)
+            if _one(da, NFTA_MATCH_NAME) != b"comment\0" or info is None or commented:
+                return None
+            text, _, pad = info.partition(b"\0")
+            if text != comment.encode() or pad.strip(b"\0"):
+                return None
+            commented = True
+        elif name == b"immediate":
+            dreg, val = _one(da, NFTA_IMMEDIATE_DREG), _one(da, NFTA_IMMEDIATE_DATA)
+            va = _attrs(val) if val is not None else None
+            verdict = _one(va, NFTA_DATA_VERDICT) if va is not None else None
+            vv = _attrs(verdict) if verdict is not None else None
+            if dreg != b"\0\0\0\0" or vv is None or jumps:
+                return None
+            code, chain = _one(vv, NFTA_VERDICT_CODE), _one(vv, NFTA_VERDICT_CHAIN)
+            if code is None or len(code) != 4 or _struct.unpack("!I", code)[0] != NFT_JUMP:
+                return None
+            if chain is None or chain.rstrip(b"\0") != target.encode():
+                return None
+            jumps = True
+        else:
+            return None
+    if not (commented and jumps) or names[-1] != b"immediate":
+        return None
+    return _struct.unpack("!Q", handle)[0]
+
+
+def _dump_hits(family: int, table: str, chain: str, needles: "list", timeout: float,
+               out: dict) -> None:
+    """Rules of one chain that contain one of `needles`: out[needle] = [rule, ...].
+
+    The chain's dump is scanned chunk by chunk for the needles (bytes.find
+    in C); only a chunk with a hit is split into messages. On any doubt
+    `out` gets None under the key None.
+    """
+    import _socket
+    import _struct
+
+    try:
+        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        out[None] = None
+        return
+    newrule = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+    try:
+        sock.settimeout(timeout)
+        seq = (os.getpid() + 2 + len(out)) & 0x7FFFFFFF
+        body = _struct.pack("=BBH", FAMILY[family], 0, 0)
+        body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+        body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+        sock.sendto(_struct.pack("=IHHII", 16 + len(body), newrule + 1, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                    + body, (0, 0))
+        done = _struct.pack("=IH", 20, NLMSG_DONE)
+        while True:
+            data = sock.recv(1 << 16)
+            if len(data) < 20:
+                out[None] = None
+                return
+            length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data)
+            if rseq != seq or kind not in (newrule, NLMSG_DONE):
+                out[None] = None  # NLMSG_ERROR: no such table or chain
+                return
+            if any(n in data for n in needles):
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+                    if length < 16 or rseq != seq:
+                        out[None] = None
+                        return
+                    if kind == newrule:
+                        msg = data[off + 16:off + length]
+                        for n in needles:
+                            if n in msg:
+                                out.setdefault(n, []).append(msg)
+                    off += (length + 3) & ~3
+            tail = len(data) - 20
+            if data.startswith(done, tail) and _struct.unpack_from("=I", data, tail + 8)[0] == seq:
+                return
+    except OSError:
+        out[None] = None
+    finally:
+        sock.close()
+
+
+NFTA_CHAIN_HANDLE = 2
+
+
+def _exchange(sock, reqs: "list") -> "dict | None":
+    """Send non-dump requests [(seq, message)] at once; {seq: reply body or None (error)}."""
+    import _struct
+
+    sock.sendto(b"".join(m for _, m in reqs), (0, 0))
+    want = {seq for seq, _ in reqs}
+    out = {}
+    while want:
+        data = sock.recv(1 << 17)
+        if not data:
+            return None
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+            if length < 16 or rseq not in want:
+                return None
+            want.discard(rseq)
+            out[rseq] = None if kind == NLMSG_ERROR else (kind, data[off + 16:off + length])
+            off += (length + 3) & ~3
+    return out
+
+
+def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) -> "list | None":
+    """Like find_jumps, without a dump: the jump's handle is guessed, then checked.
+
+    Why it finds it: a table hands out chain and rule handles from one
+    counter, and a guest's chain and the jump to it are created in the same
+    transaction (apply's restore run), the jump after the chain's rules. So
+    the jump's handle is among the `span` handles after the chain's own
+    (span: at least the guest's rules plus chains). Each candidate is asked
+    for by handle (the kernel answers each without serialising the chain),
+    and a hit is used only if it is exactly the tagged jump. A miss (a jump
+    added later, e.g. after an upgrade) gives None: dump instead.
+    """
+    import _socket
+    import _struct
+
+    fam = FAMILY[family]
+    try:
+        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return None
+    try:
+        sock.settimeout(timeout)
+        seq = ((os.getpid() << 10) + 7) & 0x3FFFFFFF
+        items = [(table, chain, target, comment) for table, chain, targets in wanted
+                 for target, comment in targets.items()]
+        reqs = []
+        for i, (table, _, target, _) in enumerate(items):
+            body = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") \
+                + _attr(NFTA_CHAIN_NAME, target.encode() + b"\0")
+            reqs.append((seq + i, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
+                                               | NFT_MSG_GETCHAIN, NLM_F_REQUEST, seq + i, 0) + body))
+        got = _exchange(sock, reqs)
+        if got is None:
+            return None
+        bases = []
+        for i in range(len(items)):
+            reply = got.get(seq + i)
+            attrs = _attrs(reply[1][4:]) if reply and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN \
+                else None
+            h = _one(attrs, NFTA_CHAIN_HANDLE) if attrs is not None else None
+            if h is None or len(h) != 8:
+                return None
+            bases.append(_struct.unpack("!Q", h)[0])
+        seq += len(items)
+        reqs, owner = [], {}
+        for i, ((table, chain, _, _), base) in enumerate(zip(items, bases)):
+            head = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_RULE_TABLE, table.encode() + b"\0") \
+                + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+            for h in range(base + 1, base + 1 + span):
+                body = head + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))
+                reqs.append((seq, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
+                                               | NFT_MSG_GETRULE, NLM_F_REQUEST, seq, 0) + body))
+                owner[seq] = i
+                seq += 1
+        got = _exchange(sock, reqs)
+        if got is None:
+            return None
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    hits = [[] for _ in items]
+    for rseq, reply in got.items():
+        if reply is not None and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+            table, chain, target, comment = items[owner[rseq]]
+            handle = jump_handle(reply[1], target, comment)
+            if handle is not None:
+                hits[owner[rseq]].append(handle)
+    if any(len(h) != 1 for h in hits):
+        return None
+    return [(table, chain, target, h[0]) for (table, chain, target, _), h in zip(items, hits)]
+
+
+def find_jumps(family: int, wanted: "list", timeout: float = 2.0) -> "list | None":
+    """Handles of tagged jumps: [(table, chain, target, handle)], or None.
+
+    `wanted`: (table, chain, {target chain: comment}). Each target must be
+    jumped to from exactly one rule of its chain, and that rule must be
+    exactly the tagged jump; otherwise None (the caller takes the slow,
+    by-spec way). The chains are dumped at once, one thread each: the
+    kernel's dump work (most of the cost) runs outside the GIL.
+    """
+    import _thread
+
+    results = [dict() for _ in wanted]
+    locks = []
+    for i, (table, chain, targets) in enumerate(wanted):
+        args = (family, table, chain, [t.encode() + b"\0" for t in targets], timeout, results[i])
+        if i == len(wanted) - 1:
+            _dump_hits(*args)
+            break
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        locks.append(lock)
+
+        def run(args=args, lock=lock):
+            try:
+                _dump_hits(*args)
+            finally:
+                lock.release()
+
+        try:
+            _thread.start_new_thread(run, ())
+        except RuntimeError:
+            lock.release()
+            results[i][None] = None
+    for lock in locks:
+        lock.acquire()
+    found = []
+    for (table, chain, targets), res in zip(wanted, results):
+        if None in res:
+            return None
+        for target, comment in targets.items():
+            hits = res.get(target.encode() + b"\0", [])
+            if len(hits) != 1:
+                return None
+            handle = jump_handle(hits[0], target, comment)
+            if handle is None:
+                return None
+            found.append((table, chain, target, handle))
+    return found
+
+
+_batch_sock: list = []
+_seq = [0]
+
+
+def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.0) -> bool:
+    """Delete rules by handle, then flush and delete chains: one transaction.
+
+    `rules`: (table, chain, handle); `chains`: (table, chain). nf_tables
+    commits a batch whole or not at all, across the tables of a family.
+    True once every message was acknowledged; False if the kernel refused
+    (nothing changed) or did not answer in time (unknown: the caller lists).
+    """
+    import _socket
+    import _struct
+
+    def msg(kind: int, flags: int, seq: int, fam: int, res_id: int, attrs: bytes) -> bytes:
+        body = _struct.pack("=BBH", fam, 0, _socket.htons(res_id)) + attrs
+        return _struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+    def name(kind: int, text: str) -> bytes:
+        return _attr(kind, text.encode() + b"\0")
+
+    fam = FAMILY[family]
+    if not _seq[0]:
+        _seq[0] = (os.getpid() << 8) & 0x3FFFFFFF or 1
+    base = _seq[0]
+    parts = [msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, base, 0, NFNL_SUBSYS_NFTABLES, b"")]
+    seqs = []
+    sub = NFNL_SUBSYS_NFTABLES << 8
+    ops = [(NFT_MSG_DELRULE, name(NFTA_RULE_TABLE, t) + name(NFTA_RULE_CHAIN, c)
+            + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
+    ops += [(NFT_MSG_DELRULE, name(NFTA_RULE_TABLE, t) + name(NFTA_RULE_CHAIN, c)) for t, c in chains]
+    ops += [(NFT_MSG_DELCHAIN, name(NFTA_CHAIN_TABLE, t) + name(NFTA_CHAIN_NAME, c)) for t, c in chains]
+    for i, (kind, attrs) in enumerate(ops, 1):
+        seqs.append(base + i)
+        parts.append(msg(sub | kind, NLM_F_REQUEST | NLM_F_ACK, base + i, fam, 0, attrs))
+    parts.append(msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, base + len(ops) + 1, 0, NFNL_SUBSYS_NFTABLES, b""))
+    _seq[0] = base + len(ops) + 2
+
+    try:
+        sock = _batch_sock[0] if _batch_sock else _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return False
+    ok = False
+    try:
+        sock.settimeout(timeout)
+        sock.sendto(b"".join(parts), (0, 0))
+        want, bad = set(seqs), False
+        while want:
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+                if length < 16:
+                    return False
+                if kind == NLMSG_ERROR and off + 20 <= len(data):
+                    err = _struct.unpack_from("=i", data, off + 16)[0]
+                    if err or rseq not in want:
+                        bad = True  # a refused message, or the commit itself (answered on BEGIN)
+                    want.discard(rseq)
+                else:
+                    bad = True
+                off += (length + 3) & ~3
+            if bad:
+                return False
+        ok = not want
+        return ok
+    except OSError:
+        return False
+    finally:
+        if ok:
+            if not _batch_sock:
+                _batch_sock.append(sock)
+                hold_past_exit(sock)
+        else:
+            # Unknown state of the socket (stale answers): never reuse it.
+            if _batch_sock:
+                _batch_sock.clear()
+            sock.close()
+
+
+_held: list = []
+_children: list = []
+
+
+def hold_past_exit(obj) -> None:
+    """Let a detached child close our netlink sockets, after we are gone.
+
+    When the last holder of an nfnetlink socket closes it while deleted
+    rules or elements await their RCU grace period, the kernel makes it
+    wait for them (nf_tables flushes its destroy work on NETLINK_URELEASE):
+    ~15 ms per commit round here, at the hook's exit, so libvirt waits too.
+    Committed is committed by then; only the freeing of old objects is
+    left. So `obj` (a socket, or a libnftables context) lives to the end of
+    the process (a module-level reference), and at exit a forked child
+    keeps a copy of every open socket (stdio on /dev/null) until this
+    process has exited, then exits itself and pays that wait where nobody
+    waits for it.
+    """
+    _held.append(obj)
+    if len(_held) == 1:
+        import atexit
+
+        atexit.register(_detach_close)
+
+
+def _detach_close() -> None:
+    try:
+        r, w = os.pipe()  # w: ours (non-inheritable, but fork keeps it: closed in the child)
+        pid = os.fork()
+    except OSError:
+        return  # then we pay the wait ourselves
+    if pid:
+        os.close(r)
+        _children.append(w)  # closed by our exit: the child's cue
+        return
+    try:
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.setsid()
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd != r:
+                try:
+                    if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        os.close(fd)  # e.g. a lock file: never hold it longer
+                except OSError:
+                    pass
+        os.read(r, 1)  # EOF once the parent has exited
+    finally:
+        os._exit(0)

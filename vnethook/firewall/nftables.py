@@ -66,6 +66,7 @@ import os
 import re
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
+from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
 
@@ -593,61 +594,6 @@ def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
 
 
 # --------------------------------------------------------------------------
-
-
-_held: list = []
-
-
-def _hold_socket_past_exit(ctx) -> None:
-    """Let a detached child close our netlink socket, after we are gone.
-
-    When the last holder of an nfnetlink socket closes it while deleted
-    rules or elements await their RCU grace period, the kernel makes it
-    wait for them (nf_tables flushes its destroy work on NETLINK_URELEASE):
-    ~15 ms per commit round here, at the hook's exit, so libvirt waits too.
-    Committed is committed by then; only the freeing of old objects is
-    left. So the context lives to the end of the process (a module-level
-    reference), and at exit a forked child keeps a copy of every open
-    descriptor (stdio on /dev/null) until this process has exited, then
-    exits itself and pays that wait where nobody waits for it.
-    """
-    _held.append(ctx)
-    if len(_held) == 1:
-        import atexit
-
-        atexit.register(_detach_close)
-
-
-def _detach_close() -> None:
-    try:
-        r, w = os.pipe()  # w: ours (non-inheritable, but fork keeps it: closed in the child)
-        pid = os.fork()
-    except OSError:
-        return  # then we pay the wait ourselves
-    if pid:
-        os.close(r)
-        _children.append(w)  # closed by our exit: the child's cue
-        return
-    try:
-        os.close(w)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.setsid()
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2 and fd != r:
-                try:
-                    if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                        os.close(fd)  # e.g. a lock file: never hold it longer
-                except OSError:
-                    pass
-        os.read(r, 1)  # EOF once the parent has exited
-    finally:
-        os._exit(0)
-
-
-_children: list = []
 
 
 class NftablesBackend(Backend):
