@@ -17,7 +17,7 @@ BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptab
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
-           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev)
+           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db)
 fi
 LIBVIRT=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network)
 

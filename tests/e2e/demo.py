@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -35,6 +36,13 @@ def main() -> int:
                     help="libvirt's firewall backend in the sandbox (default: Debian's default, iptables)")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="vnethook-try-"))
+    try:
+        return _demo(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _demo(args, tmp: pathlib.Path) -> int:
     say(f"starting a private libvirtd (firewall_backend={args.firewall}) in its own namespaces")
     with Sandbox(firewall_backend=args.firewall, tmpdir=str(tmp / "sandbox")) as sb:
         vh = VnethookEnv(sb, tmp)
