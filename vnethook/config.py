@@ -286,28 +286,15 @@ def _write_cache(paths, key, racy, cfg: Config) -> None:
 
     blob = marshal.dumps((CACHE_FORMAT, key, racy, _to_blob(cfg)))
     target = paths.config_cache
-    tmp = f"{target}.tmp.{os.getpid()}"
     try:
+        from vnethook.fsutil import atomic_write
+
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        atomic_write(target, blob)
     except OSError:
         # The cache is only an optimization; a read-only state dir must not
-        # turn a valid map into a failure.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        # turn a valid map into a failure (atomic_write removed its temp).
+        pass
 
 
 def load_config_cached(paths) -> Config:

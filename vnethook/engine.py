@@ -14,6 +14,7 @@ import json
 import os
 import time
 from vnethook import log, state
+from vnethook.fsutil import atomic_write
 from vnethook.lock import Lock
 from vnethook.model import Forward, guest_key
 
@@ -452,10 +453,7 @@ def _detect_cached(paths, redetect: bool) -> tuple:
     name, reason = detect(paths)
     try:
         os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"name": name, "reason": reason, "stamp": stamp}, f)
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps({"name": name, "reason": reason, "stamp": stamp}).encode())
     except OSError:
         pass
     return name, reason

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from vnethook.fsutil import atomic_write
 from vnethook.model import Forward
 
 # json is imported where a record is read or written, not here: the hook's
@@ -72,14 +73,7 @@ def write(
         "waiting": list(waiting or ()),
         "updated": time.time(),
     }
-    path = _path(paths, key)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(rec, indent=1, sort_keys=True).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(_path(paths, key), json.dumps(rec, indent=1, sort_keys=True).encode())
 
 
 def delete(paths, key: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-# json and tempfile are imported where used: `stopped` calls ensure_localnet
+# json is imported where used: `stopped` calls ensure_localnet
 # on every removal and usually has nothing to load or store.
 
 STATE_FILE = "route_localnet.json"
@@ -69,13 +69,11 @@ def _store(state_dir: str, saved: Dict[str, str]) -> None:
             pass
         return
     import json
-    import tempfile
+
+    from vnethook.fsutil import atomic_write
 
     os.makedirs(state_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".route_localnet.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(saved, f, sort_keys=True)
-    os.replace(tmp, target)
+    atomic_write(target, json.dumps(saved, sort_keys=True).encode())
 
 
 def ensure_localnet(state_dir: str, bridges_needed: Iterable[str], proc: str = _PROC) -> Dict[str, str]:
