@@ -603,7 +603,9 @@ class IptablesNftBackend(Backend):
                     raise
         return ir.snapshot_from(states)
 
-    def flush(self) -> None:
+    def _present_states(self):
+        """(family, state) where something of ours exists. An IPv4 listing
+        failure is an error; IPv6 may be absent from the kernel."""
         for fam in ir.FAMILIES:
             try:
                 st = self._state(fam)
@@ -611,8 +613,11 @@ class IptablesNftBackend(Backend):
                 if fam == 4:
                     raise
                 continue
-            if not st.present:
-                continue
+            if st.present:
+                yield fam, st
+
+    def flush(self) -> None:
+        for fam, st in self._present_states():
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             for (table, chain), specs in st.jumps.items():
                 sections[table] += [f"-D {chain} {s}" for s in specs]
@@ -623,15 +628,8 @@ class IptablesNftBackend(Backend):
             self._restore(fam, self._batch(sections))
 
     def ensure_base(self) -> None:
-        for fam in ir.FAMILIES:
-            try:
-                st = self._state(fam)
-            except FirewallError:
-                if fam == 4:
-                    raise
-                continue
-            if not st.present:
-                continue  # nothing of ours here; apply() creates the base
+        # where nothing of ours exists, apply() creates the base
+        for fam, st in self._present_states():
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             self._base_lines(fam, st, sections)
             if any(sections.values()):
