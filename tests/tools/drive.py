@@ -64,8 +64,8 @@ def _inject_bad():
 
     real = ir.render
 
-    def render(forwards):
-        rules = real(forwards)
+    def render(forwards, *args):
+        rules = real(forwards, *args)
         if rules:
             r = rules[0]
             rules.append(ir.Rule(r.family, "filter", ir.CHAIN_FWD, "VNETHOOK-NO-SUCH-CHAIN",
@@ -82,6 +82,8 @@ def main(argv):
     if "--inject-bad" in flags:
         _inject_bad()
     backend = get_backend(backend_name)
+    if "--unmarked" in flags:
+        backend.marked = False  # iptables-legacy as releases before the marked layout left it
     out = {"ok": True}
     t0 = time.perf_counter()
     try:

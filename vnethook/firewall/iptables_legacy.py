@@ -55,6 +55,7 @@ import time
 import types
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
+from vnethook.firewall import iptables_rules as ir
 from vnethook.firewall.base import FirewallError
 from vnethook.firewall.iptables_nft import IptablesNftBackend, RestoreError
 
@@ -467,6 +468,9 @@ class IptablesLegacyBackend(IptablesNftBackend):
     # with 1000 guests: started 97 -> 115 ms, stopped 75 -> 92 ms). Both
     # layouts are read and changed by the same code (iptables_nft._plan).
     per_guest_chains = False
+    # The marked layout: a change costs what the tables it replaces hold,
+    # so per forward only a DNAT entry (iptables_rules' module docstring).
+    marked = True
     restore_tools = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
     save_tools = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 
@@ -476,24 +480,45 @@ class IptablesLegacyBackend(IptablesNftBackend):
             return
         self._iptc_restore(batch)
 
-    def _iptc_restore(self, batch: str) -> None:
+    def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str],
+                       key: Optional[str] = None) -> None:
+        if fam != 4:
+            super()._remove_family(fam, sections, old, key)
+            return
+        # The teardown rides in the removal's commit when the removal
+        # empties our chains: the table is read once, not twice.
+        self._iptc_restore(self._batch(sections), self._teardown_sections(fam))
+
+    def _iptc_restore(self, batch: str, teardown: Optional[Dict[str, List[str]]] = None) -> None:
         """Each `*table` section: one libiptc handle, its lines, one commit.
 
         Like a restore run: sections commit in order, a failing line leaves
         its table untouched, and the RestoreError names that line so the
-        caller knows which tables already committed.
+        caller knows which tables already committed. `teardown`: sections
+        applied with the batch's when, after its nat lines, nat's guest
+        chains are empty (the last guest left); if they fail, the batch's
+        own lines still commit, alone.
         """
         try:
             sections = batch_sections(batch)
         except ValueError as e:
             raise RestoreError(f"iptc: bad batch: {e}") from None
+        if teardown is not None:
+            have = {t for t, _ in sections}
+            end = max((lines[-1][0] for _, lines in sections), default=0)
+            sections += [(t, [(end, "COMMIT")]) for t in ir.TABLES if t not in have and teardown.get(t)]
+            own = have
+            sections.sort(key=lambda s: ir.TABLES.index(s[0]) if s[0] in ir.TABLES else len(ir.TABLES))
         if not sections:
             return
         iptc = load_iptc()
         errors = (iptc.IPTCError, iptc.XTablesError, IptcError, ValueError, AttributeError,
                   TypeError)
+        tear = False
         with xtables_lock():
             for table_name, lines in sections:
+                if teardown is not None and table_name not in own and table_name != "nat" and not tear:
+                    continue  # there only for a teardown that is not happening
                 n, line = lines[0][0] - 1, ""  # the `*table` line: nothing of it committed
                 try:
                     table = iptc.Table(table_name, autocommit=False)  # reads it when new
@@ -503,6 +528,10 @@ class IptablesLegacyBackend(IptablesNftBackend):
                     for n, line in lines:
                         if line != "COMMIT":
                             apply_line(iptc, table, line)
+                    if teardown is not None:
+                        tear = self._fold_teardown(iptc, table, table_name, lines, teardown, tear)
+                        if not tear and table_name not in own:
+                            continue  # nothing of ours changed in it: no commit
                     table.commit()
                 except errors as e:
                     what = ("reading the table" if not line else
@@ -513,6 +542,33 @@ class IptablesLegacyBackend(IptablesNftBackend):
                 # while rules are built); the next section that uses this
                 # table refreshes it, which also drops what a failed section
                 # left uncommitted.
+
+
+    def _fold_teardown(self, iptc, table, table_name: str, lines, teardown, tear: bool) -> bool:
+        """Add the teardown to this table's uncommitted handle if the last guest left.
+
+        nat decides (its guest chains exist and are empty); filter follows
+        nat's decision. A teardown line that fails means the base is not
+        what we left: the handle is read again and only the batch's own
+        lines are applied; a later sync repairs the rest.
+        """
+        if table_name == "nat":
+            guest_chains = [c for c in ir.our_chains(self.marked)["nat"]
+                            if not ir.base_rules(4, self.marked).get(("nat", c))]
+            tear = all(table.is_chain(c) and not table.first_rule(c) for c in guest_chains)
+        if not tear:
+            return False
+        try:
+            for line in teardown.get(table_name, []):
+                apply_line(iptc, table, line)
+            return True
+        except (iptc.IPTCError, iptc.XTablesError, IptcError, ValueError):
+            # as a failed teardown batch always was: silent, nothing lost
+            table.refresh()
+            for _, line in lines:
+                if line != "COMMIT":
+                    apply_line(iptc, table, line)
+            return False
 
 
 _opened: Set[str] = set()  # tables whose cached iptc handle this process has used

@@ -168,6 +168,7 @@ class IptablesNftBackend(Backend):
     # Each guest in its own chains (iptables_rules.place): with nf_tables,
     # a change then touches only the guest's chains and its jumps.
     per_guest_chains = True
+    marked = False  # iptables_rules' marked layout (iptables-legacy)
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
 
@@ -215,7 +216,7 @@ class IptablesNftBackend(Backend):
         return out
 
     def _state(self, family: int) -> ir.FamilyState:
-        return ir.family_state(family, ir.parse_save(self._save(family)))
+        return ir.family_state(family, ir.parse_save(self._save(family)), self.marked)
 
     @staticmethod
     def _batch(sections: Dict[str, List[str]]) -> str:
@@ -233,7 +234,7 @@ class IptablesNftBackend(Backend):
     def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
         check_key(key, forwards)
         try:
-            new = ir.render(forwards)
+            new = ir.render(forwards, self.marked)
         except ValueError as e:
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
         if not new:
@@ -268,11 +269,14 @@ class IptablesNftBackend(Backend):
                 # libvirt may have put its own jumps ahead since; the nat
                 # jumps are only checked (every rule deletion makes the
                 # kernel wait for an RCU grace period, ~5 ms each here).
-                for j in ir.base_jumps(fam):
+                for j in ir.base_jumps(fam, self.marked):
                     if j.chain == "FORWARD":
                         sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
                     else:
                         sections[j.table].append(f"-C {j.chain} {j.spec}")
+                # The marked layout's static rules: checked, like the jumps.
+                for (table, chain), rules in ir.base_rules(fam, self.marked).items():
+                    sections[table] += [f"-C {chain} {r.spec}" for r in rules]
             self._plan(sections, old, new)
             undo: Dict[str, List[str]] = {"nat": [], "filter": []}
             self._plan(undo, new, old)
@@ -425,10 +429,21 @@ class IptablesNftBackend(Backend):
         Only what the listing shows wrong is touched: every rule deletion
         costs the kernel an RCU grace period, so a healthy base costs nothing.
         """
-        for table, chains in ir.OUR_CHAINS.items():
+        for table, chains in ir.our_chains(self.marked).items():
             have = st.chains.get(table, set())
             sections[table] += [f":{c} - [0:0]" for c in chains if c not in have]
-        for j in ir.base_jumps(fam):
+        for table, chain in st.base_wrong():
+            # These chains hold only their base rules: declare (flush) and
+            # fill. Unless guests' rules are there too (an older layout's):
+            # then only the base rules are deleted and added again.
+            rules = ir.base_rules(fam, self.marked)[(table, chain)]
+            where = f" {table} -A {chain} "
+            if any(where in r for rs in st.guests.values() for r in rs):
+                sections[table] += [f"-D {chain} {spec}" for spec in st.base.get((table, chain), [])]
+            elif chain in st.chains.get(table, set()):
+                sections[table].append(f":{chain} - [0:0]")
+            sections[table] += [f"-A {chain} {r.spec}" for r in rules]
+        for j in ir.base_jumps(fam, self.marked):
             found = st.jumps.get((j.table, j.chain), [])
             ok = found == [j.spec] and (j.chain != "FORWARD" or st.first_forward == j.spec)
             if ok:
@@ -584,12 +599,16 @@ class IptablesNftBackend(Backend):
     def _teardown_batch(self, fam: int) -> str:
         return self._batch(self._teardown_sections(fam))
 
-    @staticmethod
-    def _teardown_sections(fam: int) -> Dict[str, List[str]]:
+    def _teardown_sections(self, fam: int) -> Dict[str, List[str]]:
         sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-        for j in ir.base_jumps(fam):
+        for j in ir.base_jumps(fam, self.marked):
             sections[j.table].append(f"-D {j.chain} {j.spec}")
-        for table, chains in ir.OUR_CHAINS.items():
+        # Chains holding only base rules are flushed first; deleting a chain
+        # that still holds a guest's rules fails, and with it the section
+        # (nat comes first, so filter's static accept stays while any DNAT does).
+        for table, chain in ir.base_rules(fam, self.marked):
+            sections[table].append(f"-F {chain}")
+        for table, chains in ir.our_chains(self.marked).items():
             sections[table] += [f"-X {c}" for c in chains]
         return sections
 
