@@ -1,10 +1,12 @@
 """Forwards as iptables rules in the legacy (x_tables) tables.
 
 For hosts whose `iptables` is iptables-legacy: libvirt's REJECT then lives
-in the legacy tables, and only a legacy accept ahead of it helps. The rules,
-record strings and change logic are exactly the nft flavour's
-(iptables_rules renders both, iptables_nft plans every change as restore
-lines); only the transport differs.
+in the legacy tables, and only a legacy accept ahead of it helps. The change
+logic is the nft flavour's (iptables_nft plans every change as restore
+lines); the rules are iptables_rules' marked layout, because here every
+commit replaces the whole table in the kernel and costs what the table
+holds (IPT_SO_SET_REPLACE, ~3 us per entry for reading and replacing it on
+this machine): one DNAT entry per forward and nothing per forward in filter.
 
 IPv4 goes through python-iptables (iptc) in-process: each table section of
 a change is applied to one libiptc handle and committed once, with
