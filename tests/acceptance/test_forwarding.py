@@ -7,7 +7,10 @@ host namespace (tests/tools/drive.py) and checks which peer answers.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import signal
 import socket
 import time
@@ -211,6 +214,34 @@ def test_hairpin_other_guest(net, backend, state):
     for addr in (A["host_ext4"], A["host_br4"]):
         r = net.connect("g2", addr, 8080)
         assert r.ok and r.who == "g1", (addr, r.text)
+
+
+def test_hairpin_survives_a_neighbours_removal(net, backend, state):
+    """Guests of one network share its hairpin rule on iptables-legacy: removing
+    one guest must leave the others' hairpin working, and a re-apply puts a
+    deleted one back."""
+    net.server("g1", "g1", "80")
+    net.server("g2", "g2", "5432")
+    web, db = [fwd()], [fwd(domain="db", guest=A["g2_4"], hp=(5432, 5432), gp=(5432, 5432))]
+    apply(net, backend, state, web)
+    apply(net, backend, state, db)
+    net.drive("remove", backend, key(), state)
+    r = net.connect("g1", A["host_ext4"], 5432)
+    assert r.ok and r.who == "g2" and r.client == A["host_br4"], r.text
+    if backend == "iptables-legacy":
+        line = [ln for ln in net.dumps(backend)["iptables-legacy-save"].splitlines()
+                if '"vnethook:hairpin"' in ln]
+        assert len(line) == 1, line
+        net.exec("host", "iptables-legacy", "-w", "-t", "nat", "-D", *shlex.split(line[0])[1:])
+        r = net.connect("g1", A["host_ext4"], 5432)
+        assert not (r.ok and r.client == A["host_br4"]), r.text  # not masqueraded any more
+        with open(os.path.join(state, f"{key('db')}.record.json")) as f:
+            record = json.load(f)
+        assert sorted(snapshot(net, backend)["guests"][key("db")]) != sorted(record)  # sync sees drift
+    rec = apply(net, backend, state, db)["record"]
+    r = net.connect("g1", A["host_ext4"], 5432)
+    assert r.ok and r.who == "g2" and r.client == A["host_br4"], r.text
+    assert sorted(snapshot(net, backend)["guests"][key("db")]) == sorted(rec)
 
 
 # --- 7: the host itself --------------------------------------------------------------

@@ -58,30 +58,52 @@ def healthy(fam: int = 4, guests: List[ir.Rule] = ()) -> Dict[str, List[str]]:
     return tables
 
 
-def test_per_forward_only_a_dnat_and_one_hairpin_per_guest_address():
+def test_per_forward_only_a_dnat_and_one_shared_hairpin_per_subnet():
     fws = [fwd(), fwd(protocol="udp"), fwd(host_ports=(9000, 9009), guest_ports=(9000, 9009))]
     rules = ir.render(fws, marked=True)
     dnat = [r for r in rules if r.target == "DNAT"]
     masq = [r for r in rules if r.target == "MASQUERADE"]
     assert len(dnat) == 3 and len(masq) == 1 and len(rules) == 4
     assert not any(r.table == "filter" for r in rules)
-    assert masq[0].spec == (f'-s 192.0.2.0/24 -d 192.0.2.10/32 -m connmark --mark {BIT} '
-                            f'-m comment --comment "vnethook:{fws[0].key}" -j MASQUERADE')
-    # every rule is the guest's (tagged) and in the shared chains: no per-guest chains
-    assert all(ir.key_of(r.spec) == fws[0].key and not ir.is_guest_chain(r.chain) for r in rules)
+    assert masq[0].spec == (f'-s 192.0.2.0/24 -d 192.0.2.0/24 -m connmark --mark {BIT} '
+                            '-m comment --comment "vnethook:hairpin" -j MASQUERADE')
+    assert ir.is_shared(masq[0].canonical) and not any(ir.is_shared(r.canonical) for r in dnat)
+    # another guest on the subnet needs the very same rule
+    assert masq[0] in ir.render([fwd(domain="db", guest_address="192.0.2.11")], marked=True)
+    # the DNATs are the guest's (tagged), in the shared chain: no per-guest chains
+    assert all(ir.key_of(r.spec) == fws[0].key and not ir.is_guest_chain(r.chain) for r in dnat)
     # the unmarked layout (iptables-nft) is unchanged: accept + masquerade per forward
     plain = ir.render(fws)
     assert sum(r.table == "filter" for r in plain) == 3 and sum(r.target == "MASQUERADE" for r in plain) == 3
 
 
-def test_loopback_forward_adds_one_loopback_masquerade():
+def test_loopback_sources_are_masqueraded_by_the_base():
     rules = ir.render([fwd(host_address="127.0.0.1"), fwd(host_address="127.0.0.1", host_ports=(8081, 8081))],
                       marked=True)
-    srcs = sorted(r.src for r in rules if r.target == "MASQUERADE")
-    assert srcs == ["127.0.0.0/8", "192.0.2.0/24"]
+    assert sorted(r.src for r in rules if r.target == "MASQUERADE") == ["192.0.2.0/24"]
+    assert [r.spec for r in ir.base_rules(4, True)[("nat", ir.CHAIN_SNAT)]] == [
+        f"-s 127.0.0.0/8 -m connmark --mark {BIT} -j MASQUERADE"]
+    assert ir.base_rules(6, True)[("nat", ir.CHAIN_SNAT)] == []
     v6 = ir.render([fwd(family=6, subnet="2001:db8:1::/64", guest_address="2001:db8:1::10",
                         host_address="::1")], marked=True)
     assert [r.src for r in v6 if r.target == "MASQUERADE"] == ["2001:db8:1::/64"]
+
+
+def test_listing_shows_a_subnets_hairpin_with_each_guest_in_it():
+    web = ir.render([fwd()], marked=True)
+    db = ir.render([fwd(domain="db", guest_address="192.0.2.11", host_ports=(5432, 5432))], marked=True)
+    other = ir.render([fwd(domain="x", guest_address="198.51.100.5", subnet="198.51.100.0/24",
+                           host_ports=(7000, 7000))], marked=True)
+    rules = list(dict.fromkeys(web + db + other))
+    st = ir.family_state(4, ir.parse_save(save(4, healthy(4, rules))), True)
+    assert sorted(st.guests[fwd().key]) == sorted(r.canonical for r in web)
+    assert sorted(st.guests[fwd(domain="db").key]) == sorted(r.canonical for r in db)
+    assert sorted(st.guests[fwd(domain="x").key]) == sorted(r.canonical for r in other)
+    assert len(st.shared) == 2 and st.problems() == []
+    # with the hairpin gone, each guest of that subnet differs from its record
+    t = healthy(4, [r for r in rules if not (r.target == "MASQUERADE" and r.src == "192.0.2.0/24")])
+    st = ir.family_state(4, ir.parse_save(save(4, t)), True)
+    assert sorted(st.guests[fwd().key]) == sorted(r.canonical for r in web if r.target == "DNAT")
 
 
 def test_base_rules_set_call_clear_and_one_static_accept():
@@ -156,6 +178,7 @@ def test_teardown_flushes_base_chains_before_deleting_and_nat_decides():
     sections = IptablesLegacyBackend()._teardown_sections(4)
     nat = sections["nat"]
     assert nat.index(f"-F {ir.CHAIN_MARK}") < nat.index(f"-X {ir.CHAIN_MARK}") < nat.index(f"-X {ir.CHAIN_DNAT}")
+    assert nat.index(f"-F {ir.CHAIN_SNAT}") < nat.index(f"-X {ir.CHAIN_SNAT}")
     # a DNAT chain still holding guests fails the nat section, which comes first
     assert ir.TABLES.index("nat") < ir.TABLES.index("filter")
     assert sections["filter"] == [f"-D FORWARD -j {ir.CHAIN_FWD}", f"-F {ir.CHAIN_FWD}", f"-X {ir.CHAIN_FWD}"]

@@ -277,6 +277,12 @@ class IptablesNftBackend(Backend):
                 # The marked layout's static rules: checked, like the jumps.
                 for (table, chain), rules in ir.base_rules(fam, self.marked).items():
                     sections[table] += [f"-C {chain} {r.spec}" for r in rules]
+            # Shared rules this guest needs: checked (a missing one fails
+            # the batch, and the slow path adds it).
+            for r in new:
+                if ir.is_shared(r):
+                    _, table, chain, spec = ir.split_canonical(r)
+                    sections[table].append(f"-C {chain} {spec}")
             self._plan(sections, old, new)
             undo: Dict[str, List[str]] = {"nat": [], "filter": []}
             self._plan(undo, new, old)
@@ -361,6 +367,10 @@ class IptablesNftBackend(Backend):
                     shared.append((table, chain, spec))
             return own, shared
 
+        # Rules several guests share (a subnet's hairpin, marked layout):
+        # never added or deleted with one guest; apply checks them apart.
+        old = [r for r in old if not ir.is_shared(r)]
+        new = [r for r in new if not ir.is_shared(r)]
         old_own, old_shared = group(old)
         new_own, new_shared = group(new)
         fill: Dict[str, List[str]] = {}
@@ -412,7 +422,11 @@ class IptablesNftBackend(Backend):
                     continue
                 sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                 if new:
-                    self._base_lines(fam, st, sections)
+                    flushed = self._base_lines(fam, st, sections)
+                    for r in dict.fromkeys(r for r in new if ir.is_shared(r) and (
+                            r not in st.shared or tuple(r.split(" ", 4)[1:4:2]) in flushed)):
+                        _, table, chain, spec = ir.split_canonical(r)
+                        sections[table].append(f"-A {chain} {spec}")
                 self._plan(sections, old, new, existing)
                 self._restore(fam, self._batch(sections))
         except FirewallError:
@@ -423,8 +437,9 @@ class IptablesNftBackend(Backend):
                     pass
             raise
 
-    def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> None:
-        """Lines that make chains exist and every jump exist once (FORWARD's first).
+    def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> Set[Tuple[str, str]]:
+        """Lines that make chains exist and every jump exist once (FORWARD's first);
+        the base chains whose declaring (flushing) they include.
 
         Only what the listing shows wrong is touched: every rule deletion
         costs the kernel an RCU grace period, so a healthy base costs nothing.
@@ -432,6 +447,7 @@ class IptablesNftBackend(Backend):
         for table, chains in ir.our_chains(self.marked).items():
             have = st.chains.get(table, set())
             sections[table] += [f":{c} - [0:0]" for c in chains if c not in have]
+        flushed: Set[Tuple[str, str]] = set()
         for table, chain in st.base_wrong():
             # These chains hold only their base rules: declare (flush) and
             # fill. Unless guests' rules are there too (an older layout's):
@@ -442,6 +458,7 @@ class IptablesNftBackend(Backend):
                 sections[table] += [f"-D {chain} {spec}" for spec in st.base.get((table, chain), [])]
             elif chain in st.chains.get(table, set()):
                 sections[table].append(f":{chain} - [0:0]")
+                flushed.add((table, chain))
             sections[table] += [f"-A {chain} {r.spec}" for r in rules]
         for j in ir.base_jumps(fam, self.marked):
             found = st.jumps.get((j.table, j.chain), [])
@@ -451,6 +468,7 @@ class IptablesNftBackend(Backend):
             for spec in found:
                 sections[j.table].append(f"-D {j.chain} {spec}")
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
+        return flushed
 
     def remove(self, key: str, previous: Optional[List[str]]) -> None:
         if previous == []:

@@ -32,9 +32,11 @@ filter entry at all, the way the nftables backend works: VNETHOOK-MARK
 connection, calls VNETHOOK-DNAT, and clears the bit again if no DNAT fired
 (a DNAT ends the nat traversal, so only connections vnethook DNATed keep
 it). One static rule in VNETHOOK-FWD accepts DNATed connections with the
-bit, and a guest's hairpin masquerade is one rule per guest address (the
-bit says the connection is one of ours), not one per forward. Measured with
-1000 guests of 2 forwards: 6000 -> 2000 entries that a change replaces.
+bit, and hairpin masquerades are one rule per network subnet, shared by its
+guests (the bit says the connection is one of ours, so no port is needed):
+tagged `vnethook:hairpin`, checked and added by every guest's apply, never
+deleted by a guest's removal, gone with the base when the last guest goes.
+Measured with 1000 guests of 2 forwards: 6000 -> 2000 entries per change.
 
 Only stdlib here: the hook path imports this module.
 """
@@ -59,6 +61,7 @@ OUR_CHAINS = {"nat": (CHAIN_DNAT, CHAIN_SNAT), "filter": (CHAIN_FWD,)}
 CHAIN_MARK = "VNETHOOK-MARK"
 OUR_CHAINS_MARKED = {"nat": (CHAIN_MARK, CHAIN_DNAT, CHAIN_SNAT), "filter": (CHAIN_FWD,)}
 CT_BIT = "0x2000000"  # the ct mark bit of connections vnethook DNATed (nftables.MARK too)
+SHARED_KEY = "hairpin"  # the tag key of shared rules (never a guest key: those end in -<hash>)
 TABLES = ("nat", "filter")  # order of commits: see apply() in the backends
 FAMILIES = (4, 6)
 
@@ -172,9 +175,8 @@ def render_forward(fw: Forward, marked: bool = False) -> List[Rule]:
     """The DNAT, filter-accept and masquerade rules of one forward.
 
     `marked` (the legacy layout, see the module docstring): no accept (the
-    static one in VNETHOOK-FWD takes marked connections), and masquerades
-    that match the mark instead of the port, identical for every forward
-    to one guest address, so render() keeps one of each.
+    static one in VNETHOOK-FWD takes marked connections), and the subnet's
+    shared hairpin masquerade instead of one per forward.
     """
     fam = fw.family
     tag = f"{TAG}:{fw.key}"
@@ -203,11 +205,11 @@ def render_forward(fw: Forward, marked: bool = False) -> List[Rule]:
                           to_destination=_to_destination(fw)))
 
     if marked:
-        rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=_net(fw.subnet), dst=guest,
-                          ctmark=True, comment=tag))
-        if fw.is_loopback and fam == 4:
-            rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=LOOPBACK_NET[4], dst=guest,
-                              ctmark=True, comment=tag))
+        # One per subnet, shared (see the module docstring); loopback
+        # sources are masqueraded by a base rule of VNETHOOK-SNAT.
+        net = _net(fw.subnet)
+        rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=net, dst=net,
+                          ctmark=True, comment=f"{TAG}:{SHARED_KEY}"))
         return rules
 
     rules.append(Rule(fam, "filter", CHAIN_FWD, "ACCEPT", dst=guest, protocol=proto,
@@ -311,8 +313,15 @@ def base_rules(family: int, marked: bool = False) -> Dict[Tuple[str, str], List[
         ("nat", CHAIN_MARK): [Rule(family, "nat", CHAIN_MARK, "CONNMARK", set_xmark=bit),
                               Rule(family, "nat", CHAIN_MARK, CHAIN_DNAT),
                               Rule(family, "nat", CHAIN_MARK, "CONNMARK", set_xmark=f"0x0/{CT_BIT}")],
+        ("nat", CHAIN_SNAT): ([Rule(family, "nat", CHAIN_SNAT, "MASQUERADE", src=LOOPBACK_NET[4], ctmark=True)]
+                              if family == 4 else []),
         ("filter", CHAIN_FWD): [Rule(family, "filter", CHAIN_FWD, "ACCEPT", ctstate="DNAT", ctmark=True)],
     }
+
+
+def is_shared(canonical: str) -> bool:
+    """Whether a canonical rule is a shared one (a subnet's hairpin)."""
+    return canonical.endswith(f'"{TAG}:{SHARED_KEY}" -j MASQUERADE')
 
 
 # --- reading iptables-save output -------------------------------------------
@@ -352,6 +361,7 @@ class FamilyState(Value, frozen=False):
     first_forward: Optional[str]  # spec of the first rule in filter FORWARD
     marked: bool = False  # the layout this state was read for
     base: Dict[Tuple[str, str], List[str]] = factory(dict)  # base rules' chain -> untagged specs listed
+    shared: List[str] = factory(list)  # canonical shared rules (subnets' hairpins)
 
     @property
     def present(self) -> bool:
@@ -416,7 +426,9 @@ def family_state(family: int, tables: Dict[str, SavedTable], marked: bool = Fals
             if chain in ours or is_guest_chain(chain):
                 canon = f"{family} {table} -A {chain} {spec}"
                 k = key_of(spec)
-                if k is not None:
+                if k == SHARED_KEY:
+                    st.shared.append(canon)
+                elif k is not None:
                     st.guests.setdefault(k, []).append(canon)
                 elif (table, chain) in base_specs:
                     st.base.setdefault((table, chain), []).append(spec)
@@ -426,7 +438,49 @@ def family_state(family: int, tables: Dict[str, SavedTable], marked: bool = Fals
                     st.untagged.append(canon)
             elif jump_re.search(spec):
                 st.jumps.setdefault((table, chain), []).append(spec)
+    if st.shared:
+        _attribute_shared(st)
     return st
+
+
+_TO_DEST = None
+
+
+def _attribute_shared(st: FamilyState) -> None:
+    """List each subnet's hairpin with every guest that has a DNAT into that subnet.
+
+    A guest's record holds the hairpins its forwards need, so a listing
+    that shows them next to its DNATs compares equal to its record, and a
+    missing hairpin shows up as that guest's drift (which sync repairs).
+    """
+    import ipaddress
+    import re
+
+    global _TO_DEST
+    if _TO_DEST is None:
+        _TO_DEST = re.compile(r" --to-destination (?:\[([^\]]+)\]|([^: ]+))")
+    nets = []
+    for canon in st.shared:
+        src = _split_src(canon)
+        try:
+            nets.append((canon, ipaddress.ip_network(src)))
+        except ValueError:
+            continue
+    for rules in st.guests.values():
+        dests = set()
+        for r in rules:
+            m = _TO_DEST.search(r)
+            if m:
+                try:
+                    dests.add(ipaddress.ip_address(m.group(1) or m.group(2)))
+                except ValueError:
+                    pass
+        rules += [canon for canon, net in nets if any(d in net for d in dests) and canon not in rules]
+
+
+def _split_src(canonical: str) -> str:
+    parts = canonical.split()
+    return parts[parts.index("-s") + 1] if "-s" in parts else ""
 
 
 def snapshot_from(states: Iterable[FamilyState]):
