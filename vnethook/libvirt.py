@@ -432,8 +432,9 @@ def _valid_ip(value: object) -> Optional[str]:
     if not isinstance(value, str):
         return None
     parts = value.split(".")
-    if len(parts) == 4 and all(p.isdigit() and p.isascii() and (p == "0" or p[0] != "0") and int(p) < 256
-                               for p in parts):
+    # len(p) <= 3 first: int() refuses over 4300 digits (ValueError, not a skip)
+    if len(parts) == 4 and all(len(p) <= 3 and p.isdigit() and p.isascii() and (p == "0" or p[0] != "0")
+                               and int(p) < 256 for p in parts):
         return value  # a canonical dotted quad, as ipaddress would print it
     import ipaddress
 
@@ -572,7 +573,10 @@ def _lease(entry: object) -> Optional[Lease]:
     mac = normalize_mac(entry.get("mac-address"))
     expiry = entry.get("expiry-time")
     if isinstance(expiry, str) and expiry.strip().isdigit():
-        expiry = int(expiry.strip())
+        try:
+            expiry = int(expiry.strip())
+        except ValueError:  # isdigit() but not int(): "²", or over 4300 digits
+            return None
     if ip is None or mac is None or isinstance(expiry, bool) or not isinstance(expiry, int) or expiry < 0:
         return None
     hostname = entry.get("hostname")

@@ -446,6 +446,26 @@ def test_leases_skip_expired_and_malformed(tmp_path):
     ]
 
 
+def test_leases_digits_int_refuses_are_skipped_not_raised(tmp_path):
+    """str.isdigit() accepts what int() refuses ("²", over 4300 digits): such
+    an entry is malformed like any other, never a ValueError out of the reader."""
+    doc = [
+        entry("192.0.2.10", "52:54:00:00:00:01", "\u00b2"),
+        entry("192.0.2.11", "52:54:00:00:00:02", "9" * 5000),
+        entry("1" * 5000 + ".0.0.0", "52:54:00:00:00:03", 0),
+        entry("192.0.2.12", "52:54:00:00:00:04", "\u0663"),  # ARABIC-INDIC THREE: int() reads it
+    ]
+    leases = L.read_leases(write(tmp_path, json.dumps(doc)), now=0)
+    assert [(x.ip, x.expiry) for x in leases] == [("192.0.2.12", 3)]
+
+
+def test_network_host_with_huge_octet_is_skipped():
+    xml = ('<network><name>n</name><ip address="192.0.2.1" prefix="24"><dhcp>'
+           f'<host mac="52:54:00:00:00:01" ip="{"1" * 5000}.0.0.0"/>'
+           '<host mac="52:54:00:00:00:02" ip="192.0.2.9"/></dhcp></ip></network>')
+    assert L.parse_network(xml.encode()).dhcp_hosts == (("52:54:00:00:00:02", "192.0.2.9"),)
+
+
 def test_stale_and_duplicate_mac_leases_newest_wins(tmp_path):
     now = 5000
     doc = [
