@@ -9,14 +9,17 @@ environment reduced to LC_ALL=C + PATH (what libvirtd passes), plus the
 three VNETHOOK_* variables that point config, state and libvirt's tree at
 this benchmark's files. The hook file is the one `vnethook install` writes.
 
-Why namespaces: the hook changes the firewall. Every backend is measured in
-its own fresh network namespace, loaded with the rules libvirt 11.3 creates
+Why namespaces: the hook changes the firewall. Every backend and every
+number of other guests (0, 100, 1000) is measured in its own fresh network
+namespace, loaded with the rules libvirt 11.3 creates
 (tests/acceptance/rulesets), as the acceptance tests do; the root
-namespace is never touched. The outer process builds the namespace and
-runs this same file inside it (`--inner`), so every spawned hook inherits it.
+namespace is never touched. The outer process builds the namespaces and
+runs this same file inside each (`--inner`, a worker answering requests on
+stdin), so every spawned hook inherits its namespace.
 
 Every figure is the median of repeated runs. Ratios are taken within one
-run (the bare interpreter is measured interleaved with the no-op events).
+run and from interleaved samples: the bare interpreter alternates with the
+no-op events, and the scale pairs go round the namespaces in rotating order.
 """
 
 from __future__ import annotations
@@ -256,45 +259,49 @@ class Inner:
             one.append(self.cli("sync"))
         return {"guests": self.tree.running, "unchanged_ms": med(same), "one_changed_ms": med(one)}
 
-    def run(self) -> dict:
-        r = self.a.repeat
-        # warm-up: bytecode, config cache, backend detection cache
-        self.hook(BENCH, BENCH_MAC, "prepare")
-        self.hook(BENCH, BENCH_MAC, "started")
-        self.hook(BENCH, BENCH_MAC, "stopped")
-        if self.a.noop:
-            self.out["noop"] = self.noop(r)
-        self.out["range"] = self.pairs(RANGE, RANGE_MAC, r)
-        scale = {}
-        for n in sorted(self.a.others):
-            if n:
-                self.tree.set_running(n)
-                t = self.cli("sync")
-                scale_setup = round(t, 1)
+    def serve(self) -> None:
+        """Answer the coordinator's requests, one JSON line each, until stdin closes."""
+        for line in sys.stdin:
+            req = json.loads(line)
+            cmd, n = req["cmd"], req.get("n", 0)
+            if cmd == "setup":
+                # warm-up: bytecode, config cache, backend detection cache
+                self.hook(BENCH, BENCH_MAC, "prepare")
+                self.hook(BENCH, BENCH_MAC, "started")
+                self.hook(BENCH, BENCH_MAC, "stopped")
+                out: dict = {"setup_sync_ms": 0.0}
+                if n:
+                    self.tree.set_running(n)
+                    out["setup_sync_ms"] = round(self.cli("sync"), 1)
+            elif cmd == "pair":
+                out = {"up": self.hook(BENCH, BENCH_MAC, "started"),
+                       "down": self.hook(BENCH, BENCH_MAC, "stopped")}
+            elif cmd == "rules":
+                out = {"rules": self.rules()}
+            elif cmd == "noop":
+                out = self.noop(n)
+            elif cmd == "range":
+                out = self.pairs(RANGE, RANGE_MAC, n)
+            elif cmd == "sync":
+                out = self.sync_figures(n)
             else:
-                scale_setup = 0.0
-            fig = self.pairs(BENCH, BENCH_MAC, r)
-            fig["rules_installed"] = self.rules()
-            fig["setup_sync_ms"] = scale_setup
-            scale[str(n)] = fig
-        self.out["scale"] = scale
-        if self.tree.running:
-            self.out["sync"] = self.sync_figures(max(3, r // 3))
-        return self.out
+                raise SystemExit(f"bench: unknown request {cmd}")
+            print(json.dumps(out), flush=True)
 
 
 # --------------------------------------------------------------------------
 # Outside: namespaces, then the table
 
 
-def run_backend(backend: str, args) -> dict:
-    ns = f"vnh-bench-{os.getpid()}-{backend.split('-')[-1]}"
-    base = tempfile.mkdtemp(prefix="vnh-bench-")
-    made = False
-    try:
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        made = True
-        ex = ["ip", "netns", "exec", ns]
+class Worker:
+    """An Inner serving requests from inside its own namespace."""
+
+    def __init__(self, backend: str, others: int, base: str, args):
+        self.others = others
+        self.ns = f"vnh-bench-{os.getpid()}-{backend.split('-')[-1]}-{others}"
+        self.proc = None
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        ex = ["ip", "netns", "exec", self.ns]
         subprocess.run(ex + ["ip", "link", "set", "lo", "up"], check=True)
         # vnhbr0: the network of the captured fixtures; virbr9: the one the
         # acceptance rulesets name (nft refuses rules for a missing device)
@@ -310,17 +317,63 @@ def run_backend(backend: str, args) -> dict:
                             (f"ip6tables-{fl}-restore", "libvirt-iptables-v6.rules")):
                 with open(os.path.join(RULESETS, f), "rb") as fh:
                     subprocess.run(ex + [tool], stdin=fh, check=True)
-        argv = ex + [PY, os.path.abspath(__file__), "--inner", backend, "--workdir", base,
+        workdir = os.path.join(base, f"others-{others}")
+        os.makedirs(workdir)
+        argv = ex + [PY, os.path.abspath(__file__), "--inner", backend, "--workdir", workdir,
                      "--repeat", str(args.repeat), "--others", ",".join(map(str, args.others))]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, cmd: str, n: int = 0) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench: the worker in {self.ns} failed")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        subprocess.run(["ip", "netns", "del", self.ns], check=False)
+
+
+def run_backend(backend: str, args) -> dict:
+    """One namespace per number of other guests, measured in alternation.
+
+    Why alternate: the scale targets are ratios between these figures, and
+    a machine's speed drifts over a run (other load, clocks). Taking the
+    0-, 100- and 1000-guest pairs round by round, in rotating order, lets
+    drift hit all of them alike instead of whichever phase it fell in.
+    """
+    base = tempfile.mkdtemp(prefix="vnh-bench-")
+    workers: list = []
+    try:
+        for n in sorted(args.others):
+            workers.append(Worker(backend, n, base, args))
+        out: dict = {"backend": backend}
+        setup = {w.others: w.ask("setup", w.others)["setup_sync_ms"] for w in workers}
+        ups: dict = {w.others: [] for w in workers}
+        downs: dict = {w.others: [] for w in workers}
+        for i in range(args.repeat):
+            for w in workers[i % len(workers):] + workers[:i % len(workers)]:
+                r = w.ask("pair")
+                ups[w.others].append(r["up"])
+                downs[w.others].append(r["down"])
+        first, biggest = workers[0], workers[-1]
         if args.noop_backend == backend:
-            argv.append("--noop")
-        p = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"bench: {backend} failed")
-        return json.loads(p.stdout.strip().splitlines()[-1])
+            out["noop"] = first.ask("noop", args.repeat)
+        out["range"] = first.ask("range", args.repeat)
+        out["scale"] = {str(n): {"started_ms": med(ups[n]), "stopped_ms": med(downs[n]),
+                                 "pair_ms": med([a + b for a, b in zip(ups[n], downs[n])]),
+                                 "rules_installed": w.ask("rules")["rules"], "setup_sync_ms": setup[n]}
+                        for n, w in ((w.others, w) for w in workers)}
+        if biggest.others:
+            out["sync"] = biggest.ask("sync", max(3, args.repeat // 3))
+        return out
     finally:
-        if made:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+        for w in workers:
+            w.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -413,11 +466,10 @@ def main() -> int:
     ap.add_argument("--output", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    ap.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.others = [int(x) for x in str(args.others).split(",") if x != ""]
     if args.inner:
-        print(json.dumps(Inner(args).run()))
+        Inner(args).serve()
         return 0
     if os.geteuid() != 0:
         sys.stderr.write("bench: needs root (network namespaces)\n")
