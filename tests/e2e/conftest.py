@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sandbox import Sandbox, missing_requirements  # noqa: E402
 
-BACKENDS = ("iptables", "nftables")
+# libvirt's firewall_backend, and for iptables which iptables the host runs
+BACKENDS = ("iptables", "nftables", "iptables-legacy")
 
 
 def pytest_configure(config):
@@ -58,4 +59,6 @@ def firewall_backend(request):
 @pytest.fixture
 def sandbox(make_sandbox, firewall_backend):
     """A sandbox per firewall backend (the test runs once for each)."""
+    if firewall_backend == "iptables-legacy":
+        return make_sandbox("iptables", iptables="legacy")
     return make_sandbox(firewall_backend)

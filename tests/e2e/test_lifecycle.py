@@ -1,6 +1,7 @@
 """vnethook against a real libvirtd: every event, with real traffic.
 
-Each test runs once per libvirt firewall backend (iptables, nftables) in a
+Each test runs once per libvirt firewall backend (iptables on an
+iptables-nft host, iptables on an iptables-legacy host, nftables) in a
 private libvirtd sandbox (sandbox.py). vnethook is installed into the
 sandbox's hooks dir exactly as `vnethook install` would, with its config
 and state in the test's tmp dir. The guest's network side is a netns with
@@ -80,7 +81,11 @@ def test_start_then_destroy_and_shutdown(sandbox, vh):
     assert r.ok and r.data == "web1 tcp", r
     u = ext.send_udp(HOST_EXT, 5353, "q")
     assert u.ok and u.data == "web1 udp", u
-    assert vh.status_json()["guests"][0]["drift"] == []
+    st = vh.status_json()
+    assert st["guests"][0]["drift"] == []
+    # vnethook follows the host's iptables (the sandbox's alternatives)
+    expect = {"nftables": "nftables"}.get(sb.firewall_backend, f"iptables-{sb.iptables}")
+    assert st["backend"]["name"] == expect, st["backend"]
 
     sb.destroy("web1")
     assert not _reach(ext, 8080, timeout=1).ok
