@@ -509,6 +509,7 @@ def test_kill_mid_change_leaves_old_or_new(net, backend, state):
 
 def test_ipv6_forward(net, backend, state):
     net.server("g1", "g1", "80")
+    before = comparable(net, backend)
     apply(net, backend, state, [fwd(family=6, guest=A["g1_6"])])
     r = net.connect("ext", A["host_ext6"], 8080)
     assert r.ok and (r.who, r.port) == ("g1", 80), r.text
@@ -518,6 +519,8 @@ def test_ipv6_forward(net, backend, state):
     apply(net, backend, state, [fwd(family=6, guest=A["g1_6"], host=A["host_rem6"])])
     assert net.connect("ext", A["host_rem6"], 8080).ok
     assert not net.connect("ext", A["host_ext6"], 8080).ok
+    net.drive("remove", backend, key(), state)
+    assert comparable(net, backend) == before  # the IPv6 base goes with its last guest
 
 
 # --- timings ---------------------------------------------------------------------------------------
