@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import importlib.util
 import os
 import re
@@ -91,15 +90,30 @@ def find_xtables_dir(dirs: Sequence[str], isdir=os.path.isdir) -> Optional[str]:
     return None
 
 
+_listings: Dict[str, List[str]] = {}
+
+
+def _listing(d: str) -> List[str]:
+    """A directory's names, read once per process: iptc asks for several
+    libraries in /usr/lib/<multiarch>, which holds thousands of files."""
+    if d not in _listings:
+        try:
+            _listings[d] = os.listdir(d)
+        except OSError:
+            _listings[d] = []
+    return _listings[d]
+
+
 def find_soname(name: str, dirs: Sequence[str]) -> Optional[str]:
     """Path of `lib<name>.so.N` in the first dir that has one (shortest name wins).
 
     What ctypes.util.find_library answers, without running ldconfig.
     """
+    prefix = f"lib{name}.so."
     for d in dirs:
-        found = glob.glob(os.path.join(glob.escape(d), f"lib{name}.so.[0-9]*"))
+        found = [n for n in _listing(d) if n.startswith(prefix) and n[len(prefix):len(prefix) + 1].isdigit()]
         if found:
-            return min(found, key=lambda p: (len(p), p))
+            return os.path.join(d, min(found, key=lambda n: (len(n), n)))
     return None
 
 
