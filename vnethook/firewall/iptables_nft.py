@@ -423,10 +423,10 @@ class IptablesNftBackend(Backend):
                 sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                 if new:
                     flushed = self._base_lines(fam, st, sections)
-                    for r in dict.fromkeys(r for r in new if ir.is_shared(r) and (
-                            r not in st.shared or tuple(r.split(" ", 4)[1:4:2]) in flushed)):
+                    for r in dict.fromkeys(r for r in new if ir.is_shared(r)):
                         _, table, chain, spec = ir.split_canonical(r)
-                        sections[table].append(f"-A {chain} {spec}")
+                        if r not in st.shared or (table, chain) in flushed:
+                            sections[table].append(f"-A {chain} {spec}")
                 self._plan(sections, old, new, existing)
                 self._restore(fam, self._batch(sections))
         except FirewallError:

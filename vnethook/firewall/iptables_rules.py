@@ -26,8 +26,8 @@ Only the jump rules in the shared chains are added and deleted by spec.
 The "marked" layout (iptables-legacy): every change to a legacy table
 replaces the whole table in the kernel (IPT_SO_SET_REPLACE), so its cost
 is the number of entries in the tables a change touches, not the change.
-This layout keeps per-forward work to one DNAT entry in nat and touches no
-filter entry at all, the way the nftables backend works: VNETHOOK-MARK
+This layout keeps per-forward work to one DNAT entry in nat and has no
+per-forward filter entry, the way the nftables backend works: VNETHOOK-MARK
 (jumped from PREROUTING/OUTPUT) sets ct mark bit 0x2000000 on the new
 connection, calls VNETHOOK-DNAT, and clears the bit again if no DNAT fired
 (a DNAT ends the nat traversal, so only connections vnethook DNATed keep
