@@ -523,6 +523,31 @@ def test_ipv6_forward(net, backend, state):
     assert comparable(net, backend) == before  # the IPv6 base goes with its last guest
 
 
+def test_dual_stack_guest_next_to_another_subnet(net, backend, state):
+    """One guest forwarded on both families, another guest on a second subnet:
+    removing the first keeps the second's rules and a sound base; removing the
+    last leaves the firewall byte-identical (legacy: the orphaned hairpin of
+    the first subnet goes with the base)."""
+    net.server("g1", "g1", "80")
+    before = comparable(net, backend)
+    apply(net, backend, state, [fwd(), fwd(family=6, guest=A["g1_6"])])
+    other = fwd(domain="x", guest="203.0.113.5", hp=(7000, 7000), gp=(22, 22)).replace(subnet="203.0.113.0/24")
+    apply(net, backend, state, [other])
+    for addr in (A["host_ext4"], A["host_ext6"]):
+        r = net.connect("ext", addr, 8080)
+        assert r.ok and r.who == "g1", r.text
+    r = net.connect("g2", A["host_ext4"], 8080)
+    assert r.ok and r.who == "g1" and r.client == A["host_br4"], r.text
+    snap = snapshot(net, backend)
+    assert snap["base_ok"], snap["problems"]
+    net.drive("remove", backend, key(), state)
+    snap = snapshot(net, backend)
+    assert snap["base_ok"] and list(snap["guests"]) == [key("x")], snap
+    assert not net.connect("ext", A["host_ext4"], 8080).ok
+    net.drive("remove", backend, key("x"), state)
+    assert comparable(net, backend) == before
+
+
 # --- timings ---------------------------------------------------------------------------------------
 
 
