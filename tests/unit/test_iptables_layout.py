@@ -16,21 +16,14 @@ import os
 import shutil
 import subprocess
 import textwrap
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import pytest
 
 from vnethook.firewall import iptables_rules as ir
 from vnethook.firewall.iptables_nft import IptablesNftBackend
 from vnethook.model import Forward
-
-
-def fwd(**kw: Any) -> Forward:
-    d: dict = dict(domain="web1", mac="52:54:00:00:00:01", network="default", bridge="virbr0",
-                   subnet="192.0.2.0/24", family=4, guest_address="192.0.2.10", protocol="tcp",
-                   host_address=None, host_ports=(8080, 8080), guest_ports=(80, 80), origin="t:1")
-    d.update(kw)
-    return Forward(**d)
+from forward_factory import fwd
 
 
 def record(forwards: List[Forward]) -> List[str]:

@@ -19,23 +19,14 @@ import shlex
 import subprocess
 import sys
 import textwrap
-from typing import Any
 
 import pytest
 
 from vnethook.firewall import iptables_legacy as il
 from vnethook.firewall import iptables_rules as ir
-from vnethook.model import Forward
+from forward_factory import fwd
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def fwd(**kw: Any) -> Forward:
-    d: dict = dict(domain="web1", mac="52:54:00:00:00:01", network="default", bridge="virbr0",
-                   subnet="192.0.2.0/24", family=4, guest_address="192.0.2.10", protocol="tcp",
-                   host_address=None, host_ports=(8080, 8080), guest_ports=(80, 80), origin="t:1")
-    d.update(kw)
-    return Forward(**d)
 
 
 FORWARDS = [

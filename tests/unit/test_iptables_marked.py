@@ -11,21 +11,13 @@ which problems it reports, what repairs and the teardown contain.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Dict, List
 
 from vnethook.firewall import iptables_rules as ir
 from vnethook.firewall.iptables_legacy import IptablesLegacyBackend
-from vnethook.model import Forward
+from forward_factory import fwd
 
 BIT = "0x2000000/0x2000000"
-
-
-def fwd(**kw: Any) -> Forward:
-    d: dict = dict(domain="web1", mac="52:54:00:00:00:01", network="default", bridge="virbr0",
-                   subnet="192.0.2.0/24", family=4, guest_address="192.0.2.10", protocol="tcp",
-                   host_address=None, host_ports=(8080, 8080), guest_ports=(80, 80), origin="t:1")
-    d.update(kw)
-    return Forward(**d)
 
 
 def save(family: int, tables: Dict[str, List[str]]) -> str:
