@@ -498,12 +498,14 @@ class IptablesLegacyBackend(IptablesNftBackend):
 
     def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str],
                        key: Optional[str] = None) -> None:
-        if fam != 4:
-            super()._remove_family(fam, sections, old, key)
-            return
-        # The teardown rides in the removal's commit when the removal
-        # empties our chains: the table is read once, not twice.
-        self._iptc_restore(self._batch(sections), self._teardown_sections(fam))
+        removal = self._batch(sections)
+        if fam == 4:
+            # The teardown rides in the removal's commit when the removal
+            # empties our chains: the table is read once, not twice.
+            self._iptc_restore(removal, self._teardown_sections(fam))
+        else:
+            self._restore(fam, removal)
+            self._teardown_if_empty(fam)  # fails, changing nothing, while guests remain
 
     def _iptc_restore(self, batch: str, teardown: Optional[Dict[str, List[str]]] = None) -> None:
         """Each `*table` section: one libiptc handle, its lines, one commit.
@@ -569,8 +571,8 @@ class IptablesLegacyBackend(IptablesNftBackend):
         lines are applied; a later sync repairs the rest.
         """
         if table_name == "nat":
-            guest_chains = [c for c in ir.our_chains(self.marked)["nat"]
-                            if not ir.base_rules(4, self.marked).get(("nat", c))]
+            base = ir.base_rules(4, self.marked)
+            guest_chains = [c for c in ir.our_chains(self.marked)["nat"] if ("nat", c) not in base]
             tear = all(table.is_chain(c) and not table.first_rule(c) for c in guest_chains)
         if not tear:
             return False

@@ -511,10 +511,6 @@ class IptablesNftBackend(Backend):
     def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str],
                        key: Optional[str] = None) -> None:
         removal = self._batch(sections)
-        if self._own_transport():
-            self._restore(fam, removal)
-            self._teardown_if_empty(fam)
-            return
         last = self._only_guest(fam, old)
         if last is None:
             # The teardown rides in the same restore run (one spawn, and no
