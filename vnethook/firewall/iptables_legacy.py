@@ -521,11 +521,10 @@ class IptablesLegacyBackend(IptablesNftBackend):
             sections = batch_sections(batch)
         except ValueError as e:
             raise RestoreError(f"iptc: bad batch: {e}") from None
+        own = {t for t, _ in sections}  # the tables the batch itself changes
         if teardown is not None:
-            have = {t for t, _ in sections}
             end = max((lines[-1][0] for _, lines in sections), default=0)
-            sections += [(t, [(end, "COMMIT")]) for t in ir.TABLES if t not in have and teardown.get(t)]
-            own = have
+            sections += [(t, [(end, "COMMIT")]) for t in ir.TABLES if t not in own and teardown.get(t)]
             sections.sort(key=lambda s: ir.TABLES.index(s[0]) if s[0] in ir.TABLES else len(ir.TABLES))
         if not sections:
             return
@@ -535,7 +534,7 @@ class IptablesLegacyBackend(IptablesNftBackend):
         tear = False
         with xtables_lock():
             for table_name, lines in sections:
-                if teardown is not None and table_name not in own and table_name != "nat" and not tear:
+                if table_name not in own and table_name != "nat" and not tear:
                     continue  # there only for a teardown that is not happening
                 n, line = lines[0][0] - 1, ""  # the `*table` line: nothing of it committed
                 try:
@@ -548,8 +547,8 @@ class IptablesLegacyBackend(IptablesNftBackend):
                             apply_line(iptc, table, line)
                     if teardown is not None:
                         tear = self._fold_teardown(iptc, table, table_name, lines, teardown, tear)
-                        if not tear and table_name not in own:
-                            continue  # nothing of ours changed in it: no commit
+                    if table_name not in own and not tear:
+                        continue  # read only to decide the teardown: nothing to commit
                     table.commit()
                 except errors as e:
                     what = ("reading the table" if not line else
