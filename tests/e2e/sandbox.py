@@ -378,6 +378,9 @@ class Sandbox:
             ["mount", "--bind", self.varlib, "/var/lib/libvirt"],
             ["mount", "--bind", self.logdir, "/var/log/libvirt"],
             ["mount", "--bind", CACHE_DIR, "/var/cache/libvirt"],
+            # A host without systemd may not have /run/libvirt (tmpfiles.d
+            # makes it at boot): the mount point is created, empty.
+            ["mkdir", "-p", "/run/libvirt"],
             ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run/libvirt"],
             ["mkdir", "-p", "/run/netns"],
             ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run/netns"],
