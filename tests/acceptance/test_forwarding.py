@@ -353,16 +353,14 @@ def test_foreign_rules_untouched(net, backend, state):
 def test_foreign_dnat_not_accepted(net, backend, state):
     """Another tool's DNAT to a guest gets no accept from vnethook.
 
-    iptables-legacy and nftables accept by a ct mark bit that only vnethook's
-    own DNAT leaves on a connection (the legacy layout sets it before its DNAT
-    chain and clears it when no forward matched), so a DNAT made after ours
-    must still meet libvirt's reject, even to a guest port we forward to.
-    iptables-nft accepts per forward, by guest address and port: there a
-    foreign DNAT to exactly a forwarded guest port is accepted too.
+    Every backend accepts by a ct mark bit that only vnethook's own DNAT
+    leaves on a connection (set before its DNAT chain or map, cleared when
+    no forward matched), so a DNAT made after ours must still meet libvirt's
+    reject, even to exactly the guest port we forward to.
     """
     net.server("g1", "g1", "80,81")
     apply(net, backend, state, [fwd()])
-    foreign = {9000: 81} if backend == "iptables-nft" else {9000: 81, 9001: 80}
+    foreign = {9000: 81, 9001: 80}
     for hport, gport in foreign.items():
         if backend == "nftables":
             net.exec("host", "nft", "-f", "-", input=(
@@ -384,23 +382,25 @@ def test_foreign_dnat_not_accepted(net, backend, state):
     assert r.ok and r.who == "host", r.text
 
 
-def test_legacy_layout_upgrade(net, backend, state):
-    """Rules left by the per-forward legacy layout are replaced, not duplicated.
+def test_layout_upgrade(net, backend, state):
+    """Rules left by the per-forward layout are replaced, not duplicated.
 
-    iptables-legacy used iptables-nft's per-forward accepts and masquerades
-    before it moved to the marked layout. A host upgraded with guests running
-    has those rules and their records: the next apply, remove and sync must
-    converge on the new layout and leave nothing of the old one.
+    Both iptables flavours used per-forward accepts (by guest address and
+    port, which another tool's DNAT passed too) and masquerades before they
+    moved to the marked layout. A host upgraded with guests running has those
+    rules and their records: the next apply, remove and sync must converge on
+    the new layout and leave nothing of the old one.
     """
-    if backend != "iptables-legacy":
-        pytest.skip("only iptables-legacy changed its layout")
+    if backend == "nftables":
+        pytest.skip("the nftables backend was marked from the start")
+    save = "iptables-legacy-save" if backend == "iptables-legacy" else "iptables-nft-save"
     net.server("g1", "g1", "80")
     net.server("g2", "g2", "5432")
     before = comparable(net, backend)
     web, db = [fwd()], [fwd(domain="db", guest=A["g2_4"], hp=(5432, 5432), gp=(5432, 5432))]
     apply(net, backend, state, web, None, "--unmarked")
     apply(net, backend, state, db, None, "--unmarked")
-    old = net.dumps(backend)["iptables-legacy-save"]
+    old = net.dumps(backend)[save]
     assert "-j VNETHOOK-DNAT" in old and "ctstate DNAT" in old and "VNETHOOK-MARK" not in old
     apply(net, backend, state, web)  # the record is the old layout's
     for who, port in (("g1", 8080), ("g2", 5432)):
@@ -409,9 +409,10 @@ def test_legacy_layout_upgrade(net, backend, state):
     apply(net, backend, state, db)
     snap = snapshot(net, backend)
     assert snap["base_ok"], snap["problems"]
-    new = net.dumps(backend)["iptables-legacy-save"]
+    new = net.dumps(backend)[save]
     assert "VNETHOOK-MARK" in new and "ctstate DNAT -m comment" not in new
     assert new.count("-j VNETHOOK-MARK") == 2 and "-m addrtype --dst-type LOCAL -j VNETHOOK-DNAT" not in new
+    assert "VNETHOOK-F-" not in new and "VNETHOOK-S-" not in new
     for who, port in (("g1", 8080), ("g2", 5432)):
         r = net.connect("ext", A["host_ext4"], port)
         assert r.ok and r.who == who, (port, r.text)

@@ -26,8 +26,9 @@ from vnethook.model import Forward
 from forward_factory import fwd
 
 
-def record(forwards: List[Forward]) -> List[str]:
-    return [r.canonical for r in ir.place(forwards[0].key, ir.render(forwards))]
+def record(forwards: List[Forward], marked: bool = True) -> List[str]:
+    """A guest's record as iptables-nft makes it (marked layout, own chains)."""
+    return [r.canonical for r in ir.place(forwards[0].key, ir.render(forwards, marked))]
 
 
 def plan(old: List[str], new: List[str], existing=()) -> Dict[str, List[str]]:
@@ -48,20 +49,29 @@ def test_chain_names_fit_and_differ():
     assert not any(ir.is_guest_chain(c) for cs in ir.OUR_CHAINS.values() for c in cs)
 
 
-def test_place_moves_rules_and_adds_one_tagged_jump_per_chain():
+@pytest.mark.parametrize("marked", [False, True])
+def test_place_moves_rules_and_adds_one_tagged_jump_per_chain(marked):
     fws = [fwd(), fwd(protocol="udp")]
-    rules = ir.place(fws[0].key, ir.render(fws))
-    jumps = [r for r in rules if not ir.is_guest_chain(r.chain)]
+    rules = ir.place(fws[0].key, ir.render(fws, marked))
+    shared = [r for r in rules if ir.is_shared(r.canonical)]
+    jumps = [r for r in rules if not ir.is_guest_chain(r.chain) and r not in shared]
+    chains = [ir.CHAIN_DNAT] if marked else list(ir.GUEST_CHAINS)
     assert sorted((j.chain, j.target) for j in jumps) == sorted(
-        (s, ir.guest_chain(s, fws[0].key)) for s in ir.GUEST_CHAINS)
-    assert all(ir.key_of(r.spec) == fws[0].key for r in rules)
-    assert all(ir.is_guest_chain(r.chain) for r in rules if r not in jumps)
+        (s, ir.guest_chain(s, fws[0].key)) for s in chains)
+    assert all(ir.key_of(r.spec) == fws[0].key for r in rules if r not in shared)
+    assert all(ir.is_guest_chain(r.chain) for r in rules if r not in jumps and r not in shared)
+    # marked: the subnet's hairpin stays in the shared chain, and no accept per forward
+    assert [r.chain for r in shared] == ([ir.CHAIN_SNAT] if marked else [])
+    assert not marked or not any(r.table == "filter" for r in rules)
 
 
 def test_new_guest_declares_fills_then_jumps():
     new = record([fwd()])
     s = plan([], new)
+    assert s["filter"] == []  # marked: the base's one static accept serves every guest
     for table, lines in s.items():
+        if not lines:
+            continue
         decl = [i for i, ln in enumerate(lines) if ln.startswith(":")]
         jumps = [i for i, ln in enumerate(lines) if ln.startswith("-A VNETHOOK-") and
                  not ir.is_guest_chain(ln.split()[1])]
@@ -82,7 +92,10 @@ def test_change_refills_only_the_changed_chain_and_keeps_jumps():
 def test_remove_flushes_unjumps_and_deletes_chains():
     old = record([fwd()])
     s = plan(old, [])
+    assert s["filter"] == []  # marked: nothing per guest in filter
     for table, lines in s.items():
+        if not lines:
+            continue
         ops = [ln.split()[0] for ln in lines]
         assert set(ops) == {"-D", "-F", "-X"}
         assert ops.index("-X") > max(i for i, o in enumerate(ops) if o == "-D")
@@ -107,6 +120,20 @@ def test_upgrade_from_the_shared_layout_deletes_by_spec():
     s = plan(shared, record([fwd()]))
     deleted = [ln for lines in s.values() for ln in lines if ln.startswith("-D")]
     assert len(deleted) == len(shared)
+
+
+def test_upgrade_from_per_forward_accepts_drops_their_chains():
+    """A host upgraded with guests running: the per-forward accepts (any DNAT
+    to the guest port passed them) and per-guest masquerades go."""
+    old = record([fwd()], marked=False)
+    s = plan(old, record([fwd()]))
+    key = fwd().key
+    for shared in (ir.CHAIN_FWD, ir.CHAIN_SNAT):
+        own = ir.guest_chain(shared, key)
+        table = "filter" if shared == ir.CHAIN_FWD else "nat"
+        assert f"-F {own}" in s[table] and f"-X {own}" in s[table]
+        assert any(ln.startswith(f"-D {shared} ") for ln in s[table])
+    assert not any(ln.startswith("-A") for ln in s["filter"])
 
 
 def test_slow_path_drops_an_empty_chain_left_behind():
@@ -140,15 +167,24 @@ def test_netlink_counts_and_base_check_match_the_kernel():
         be = IptablesNftBackend()
         out = {"before": [chain_use(4, "filter", "VNETHOOK-FWD"), be._base_in_place(4)]}
         subprocess.run(["iptables-nft-restore", "--noflush"], check=True, input=(
-            "*filter\\n:VNETHOOK-FWD - [0:0]\\n:X - [0:0]\\n-A FORWARD -j ACCEPT\\n"
-            "-I FORWARD 1 -j VNETHOOK-FWD\\n-A VNETHOOK-FWD -j X\\n-A VNETHOOK-FWD -j ACCEPT\\nCOMMIT\\n"
-            "*nat\\n:VNETHOOK-DNAT - [0:0]\\n:VNETHOOK-SNAT - [0:0]\\n"
-            "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j VNETHOOK-DNAT\\n"
-            "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j VNETHOOK-DNAT\\n"
+            "*filter\\n:VNETHOOK-FWD - [0:0]\\n:X - [0:0]\\n-A FORWARD -j X\\n"
+            "-I FORWARD 1 -j VNETHOOK-FWD\\n"
+            "-A VNETHOOK-FWD -m conntrack --ctstate DNAT -m connmark --mark 0x2000000/0x2000000 -j ACCEPT\\n"
+            "COMMIT\\n"
+            "*nat\\n:VNETHOOK-MARK - [0:0]\\n:VNETHOOK-DNAT - [0:0]\\n:VNETHOOK-SNAT - [0:0]\\n"
+            "-I PREROUTING 1 ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j VNETHOOK-MARK\\n"
+            "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j VNETHOOK-MARK\\n"
+            "-A VNETHOOK-MARK -j CONNMARK --set-xmark 0x2000000/0x2000000\\n-A VNETHOOK-MARK -j VNETHOOK-DNAT\\n"
+            "-A VNETHOOK-MARK -j CONNMARK --set-xmark 0x0/0x2000000\\n"
             "-I POSTROUTING 1 -j VNETHOOK-SNAT\\nCOMMIT\\n").encode())
         out["after"] = [chain_use(4, "filter", "VNETHOOK-FWD"), chain_use(4, "filter", "X"),
                         chain_use(4, "nat", "VNETHOOK-DNAT"), len(chain_rules(4, "filter", "FORWARD")),
                         be._base_in_place(4), be._base_in_place(6)]
+        subprocess.run(["iptables-nft", "-t", "nat", "-D", "VNETHOOK-MARK", "3"], check=True)
+        out["base rule gone"] = be._base_in_place(4)
+        subprocess.run(["iptables-nft", "-t", "nat", "-A", "VNETHOOK-MARK", "-j", "CONNMARK",
+                        "--set-xmark", "0x0/0x2000000"], check=True)
+        out["restored"] = be._base_in_place(4)
         subprocess.run(["iptables-nft", "-I", "FORWARD", "1", "-j", "DROP"], check=True)
         out["displaced"] = be._base_in_place(4)
         print(json.dumps(out))
@@ -158,8 +194,9 @@ def test_netlink_counts_and_base_check_match_the_kernel():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["before"] == [None, False]
-    # VNETHOOK-FWD: 2 rules + FORWARD's jump; X: one jump; VNETHOOK-DNAT: two jumps
-    assert out["after"] == [3, 1, 2, 2, True, False]
+    # VNETHOOK-FWD: its accept + FORWARD's jump; X: one jump; VNETHOOK-DNAT: MARK's jump
+    assert out["after"] == [2, 1, 1, 2, True, False]
+    assert (out["base rule gone"], out["restored"]) == (False, True)
     assert out["displaced"] is False
 
 
@@ -201,11 +238,11 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
         calls.clear()
         probes.clear()
         # A doubtful jump (an extra match on it) to gc's chain: never deleted by handle.
-        fwd = ir.guest_chain(ir.CHAIN_FWD, K("gc"))
-        subprocess.run(["iptables-nft", "-D", "VNETHOOK-FWD", "-m", "comment", "--comment", "vnethook:" + K("gc"),
-                        "-j", fwd], check=True)
-        subprocess.run(["iptables-nft", "-A", "VNETHOOK-FWD", "-s", "198.51.100.0/24", "-m", "comment",
-                        "--comment", "vnethook:" + K("gc"), "-j", fwd], check=True)
+        own = ir.guest_chain(ir.CHAIN_DNAT, K("gc"))
+        subprocess.run(["iptables-nft", "-t", "nat", "-D", "VNETHOOK-DNAT", "-m", "comment", "--comment",
+                        "vnethook:" + K("gc"), "-j", own], check=True)
+        subprocess.run(["iptables-nft", "-t", "nat", "-A", "VNETHOOK-DNAT", "-s", "198.51.100.0/24", "-m",
+                        "comment", "--comment", "vnethook:" + K("gc"), "-j", own], check=True)
         be.remove(K("gc"), recs["gc"])
         text = save()
         out["doubt"] = [list(calls), "vnethook:gc" in text, ir.chain_hash(K("gc")) in text, text.count("vnethook:ga"),
@@ -217,11 +254,11 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     # one transaction per family; gb gone without a trace, the others intact
-    # (per family: 3 rules in own chains + 3 jumps each); the handles were
+    # (per family: a DNAT in its own chain + its jump); the handles were
     # found by probing next to the chains' handles, without a dump
-    assert out["plain"] == [[True, True], False, False, 12, 12, [True, True]]
+    assert out["plain"] == [[True, True], False, False, 4, 4, [True, True]]
     # gc's doubtful IPv4 jump is not deleted by handle; the by-spec delete then
     # fails too (the rule differs from the record), so the listing path removes
     # everything of gc, both families, and nothing else
     assert out["doubt"][0] == []
-    assert out["doubt"][1:] == [False, False, 12, [False]]
+    assert out["doubt"][1:] == [False, False, 4, [False]]

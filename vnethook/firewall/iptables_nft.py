@@ -168,7 +168,11 @@ class IptablesNftBackend(Backend):
     # Each guest in its own chains (iptables_rules.place): with nf_tables,
     # a change then touches only the guest's chains and its jumps.
     per_guest_chains = True
-    marked = False  # iptables_rules' marked layout (iptables-legacy)
+    # iptables_rules' marked layout: the accept is one static rule for
+    # connections that vnethook's own DNAT marked, so another tool's DNAT
+    # to a forwarded guest port is still rejected by libvirt, and a
+    # forward's `source` holds for the accept too (only its DNAT marks).
+    marked = True
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
 
@@ -307,7 +311,7 @@ class IptablesNftBackend(Backend):
             return False
         from vnethook.firewall.nfnetlink import chain_rules
 
-        for j in ir.base_jumps(fam):
+        for j in ir.base_jumps(fam, self.marked):
             rules = chain_rules(fam, j.table, j.chain)
             if rules is None:
                 return False
@@ -315,6 +319,14 @@ class IptablesNftBackend(Backend):
             if sum(1 for r in rules if target in r) != 1:
                 return False
             if j.chain == "FORWARD" and target not in rules[0]:
+                return False
+        # Chains that hold nothing but their base rules: counted (a wrong
+        # one is found and replaced by the listing that sync does).
+        for (table, chain), base in ir.base_rules(fam, self.marked).items():
+            if chain == ir.CHAIN_SNAT:
+                continue  # also holds the subnets' hairpins
+            rules = chain_rules(fam, table, chain)
+            if rules is None or len(rules) != len(base):
                 return False
         return True
 
@@ -546,6 +558,8 @@ class IptablesNftBackend(Backend):
         own: Dict[Tuple[str, str], None] = {}
         jumps: Set[str] = set()
         for r in old:
+            if ir.is_shared(r):
+                continue  # a subnet's hairpin is never removed with one guest
             _, table, chain, _ = ir.split_canonical(r)
             if ir.is_guest_chain(chain):
                 if chain != ir.guest_chain(shared_of[chain[:11]], key):
@@ -580,13 +594,16 @@ class IptablesNftBackend(Backend):
         """
         from vnethook.firewall.nfnetlink import chain_use
 
-        expect: Dict[Tuple[str, str], int] = {}
-        for j in ir.base_jumps(fam):
-            expect[(j.table, j.target)] = expect.get((j.table, j.target), 0) + 1
+        expect = ir.base_use(fam, self.marked)
         for r in old:
             _, table, chain, _ = ir.split_canonical(r)
-            if (table, chain) in expect:
+            if (table, chain) in expect and not ir.is_shared(r):
                 expect[(table, chain)] += 1
+        # Only the shared chains a guest jumps from can tell: every guest
+        # has a jump in VNETHOOK-DNAT (a subnet's hairpin outlives its guests).
+        expect = {tc: n for tc, n in expect.items() if tc[1] in ir.GUEST_CHAINS}
+        if self.marked:
+            expect = {tc: n for tc, n in expect.items() if tc[1] == ir.CHAIN_DNAT}
         for (table, chain), n in expect.items():
             use = chain_use(fam, table, chain)
             if use is None:

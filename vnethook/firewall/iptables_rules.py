@@ -258,6 +258,9 @@ def place(key: str, rules: Iterable[Rule]) -> List[Rule]:
     h = chain_hash(key)
     tag = f"{TAG}:{key}"
     for r in rules:
+        if r.comment == f"{TAG}:{SHARED_KEY}":
+            out.append(r)  # a subnet's shared rule stays in the shared chain
+            continue
         own = GUEST_CHAINS[r.chain] + h
         fields = {f: getattr(r, f) for f in Rule._fields}
         fields["chain"] = own
@@ -293,7 +296,10 @@ def base_jumps(family: int, marked: bool = False) -> List[Rule]:
     """
     nat = CHAIN_MARK if marked else CHAIN_DNAT
     return [
-        Rule(family, "nat", "PREROUTING", nat, addrtype_local=True),
+        # Never for loopback destinations arriving from outside: a forward
+        # bound to 127.0.0.1 is the host's own, reached through OUTPUT only.
+        Rule(family, "nat", "PREROUTING", nat, dst=LOOPBACK_NET[family], dst_negated=True,
+             addrtype_local=True),
         Rule(family, "nat", "OUTPUT", nat, addrtype_local=True),
         Rule(family, "nat", "POSTROUTING", CHAIN_SNAT),
         Rule(family, "filter", "FORWARD", CHAIN_FWD),
@@ -317,6 +323,23 @@ def base_rules(family: int, marked: bool = False) -> Dict[Tuple[str, str], List[
                               if family == 4 else []),
         ("filter", CHAIN_FWD): [Rule(family, "filter", CHAIN_FWD, "ACCEPT", ctstate="DNAT", ctmark=True)],
     }
+
+
+def base_use(family: int, marked: bool = False) -> Dict[Tuple[str, str], int]:
+    """(table, chain) -> what the kernel counts as that chain's use with no guest:
+    its base rules plus the base jumps into it (NFTA_CHAIN_USE)."""
+    use: Dict[Tuple[str, str], int] = {}
+    for table, chains in our_chains(marked).items():
+        for c in chains:
+            use[(table, c)] = 0
+    for j in base_jumps(family, marked):
+        use[(j.table, j.target)] += 1
+    for (table, chain), rules in base_rules(family, marked).items():
+        use[(table, chain)] += len(rules)
+        for r in rules:
+            if (table, r.target) in use:
+                use[(table, r.target)] += 1
+    return use
 
 
 def is_shared(canonical: str) -> bool:
