@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 CODENAME="${VERSION_CODENAME:-}"
 
 BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptables python3-systemd
-      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod)
+      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod python3-scapy)
 # `--runtime`: just enough for ./try-it; otherwise also the test and packaging tools.
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
@@ -42,13 +42,12 @@ lv_pkgs=("${LIBVIRT[@]}")
 if [ "$CODENAME" = bookworm ]; then
     # Debian 12 ships libvirt 9.0 (iptables backend only); backports has 11.x.
     if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        cat > /etc/apt/sources.list.d/vnethook-tests-backports.sources <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+        # The archive this machine already uses (its own mirror), never a
+        # host name of ours: the URI of the source that serves "bookworm".
+        mirror=$(tests/tools/apt-mirror bookworm) || {
+            echo "tests/deps.sh: no apt source serves bookworm; add bookworm-backports by hand" >&2; exit 1; }
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$mirror" > /etc/apt/sources.list.d/vnethook-tests-backports.sources
     fi
     # Name every libvirt package with /bookworm-backports (not -t, which
     # would also upgrade systemd and udev).

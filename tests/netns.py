@@ -249,6 +249,44 @@ class Topology:
                                        check=False).stdout
         return out
 
+    # --- attackers and witnesses ---------------------------------------------------
+
+    def sniff(self, role: str, iface: str = "eth0") -> "Sniffer":
+        """Record every TCP/UDP packet that reaches `iface` in `role`'s namespace."""
+        out = os.path.join(self._tmp(), f"sniff-{role}-{iface}-{len(self.procs)}.jsonl")
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[role], PY, os.path.join(TOOLS, "sniff.py"),
+                              iface, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        ready, _, _ = select.select([p.stdout], [], [], 10)
+        if not ready or p.stdout.readline().strip() != "READY":
+            p.kill()
+            raise NetnsError(f"sniffer on {role}/{iface} did not start")
+        return Sniffer(out)
+
+    def craft(self, role: str, dst_mac: str, src: str, dst: str, proto: str, dport: int,
+              iface: str = "eth0", count: int = 3) -> None:
+        """Put hand-made packets on the wire (tools/craft.py, scapy)."""
+        self.exec(role, PY, os.path.join(TOOLS, "craft.py"), iface, dst_mac, src, dst, proto,
+                  str(dport), str(count), timeout=60)
+
+    def mac(self, role: str, iface: str) -> str:
+        return json.loads(self.ip(role, "-j", "link", "show", iface).stdout)[0]["address"]
+
+    def route_loopback_via(self, role: str, gateway: str) -> None:
+        """Make `role` send 127.0.0.0/8 to `gateway` instead of its own lo,
+        as an attacker in full control of its own host can."""
+        self.exec(role, "sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1")
+        self.ip(role, "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local")
+        self.ip(role, "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local")
+        self.ip(role, "route", "add", "127.0.0.0/8", "via", gateway, "dev", "eth0")
+
+    def _tmp(self) -> str:
+        if not getattr(self, "_tmpdir", None):
+            import tempfile
+
+            self._tmpdir = tempfile.mkdtemp(prefix="vnh-netns-")
+        return self._tmpdir
+
     def sysctl(self, path: str) -> str:
         return self.exec("host", "cat", f"/proc/sys/{path}").stdout.strip()
 
@@ -276,6 +314,26 @@ class Topology:
                     pass
             run(["ip", "netns", "del", name], check=False)
         self.made.clear()
+        if getattr(self, "_tmpdir", None):
+            import shutil
+
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+class Sniffer:
+    """What a sniffer recorded so far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def packets(self, **match) -> List[dict]:
+        try:
+            with open(self.path) as f:
+                seen = [json.loads(ln) for ln in f if ln.strip()]
+        except FileNotFoundError:
+            return []
+        return [p for p in seen if all(p.get(k) == v for k, v in match.items())]
 
 
 def _read(path: str) -> str:

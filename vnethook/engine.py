@@ -152,9 +152,9 @@ class Engine:
 
     def _localnet_in_use(self) -> bool:
         """Cheap check first: reading every record is O(guests)."""
-        from vnethook.firewall.sysctl import STATE_FILE
+        from vnethook.firewall.localnet import in_use
 
-        return os.path.exists(os.path.join(self.paths.state_dir, STATE_FILE))
+        return in_use(self.paths.state_dir)
 
     def _recover_if_needed(self) -> None:
         """Rebuild records from tagged rules when the state dir was lost.
@@ -218,21 +218,31 @@ class Engine:
         if any(f.is_loopback for f in old ^ new) or any(f.is_loopback for f in forwards):
             self._update_localnet()
 
-    def _update_localnet(self) -> None:
-        """route_localnet on exactly the bridges that have a 127.x forward."""
+    def _update_localnet(self, verify: bool = False) -> None:
+        """route_localnet, guarded, on exactly the bridges that have a 127.x forward.
+
+        `verify` (sync): check the guard in the firewall and put libvirt's
+        bridges that no forward needs back to 0 (see firewall/localnet.py).
+        """
+        from vnethook.firewall import localnet
+
         need = set()
+        bridges = set()
         for rec in state.all_records(self.paths).values():
             for f in state.forwards_of(rec):
+                bridges.add(f.bridge)
                 if f.is_loopback and f.family == 4:
                     need.add(f.bridge)
+        if verify or need or localnet.in_use(self.paths.state_dir):
+            from vnethook import libvirt
+
+            bridges |= set(libvirt.running_bridges(self.paths))
         try:
-            from vnethook.firewall import sysctl
-        except ImportError:
-            return
-        try:
-            sysctl.ensure_localnet(self.paths.state_dir, need)
-        except OSError as e:
-            log.warning(f"could not set route_localnet: {e}")
+            problems = localnet.ensure(self.paths.state_dir, need, bridges, verify=verify)
+        except (OSError, ValueError) as e:
+            problems = [f"could not set route_localnet: {e}"]
+        for p in problems:
+            log.warning(p)
 
     # -------------------------------------------------------------- sync
     def running_configured(self) -> dict:
@@ -326,6 +336,8 @@ class Engine:
                         report.errors.append(f"{name}: {e}")
                 if verify and not report.errors and not state.all_records(self.paths):
                     self._drop_orphan_base(backend, report)
+            if verify:
+                self._update_localnet(verify=True)
         return report
 
     def _drop_orphan_base(self, backend, report) -> None:

@@ -690,6 +690,26 @@ def running_network(paths: object, name: str) -> Optional[Network]:
     return _memo(os.path.join(_dir(paths, "running_networks_dir"), f"{name}.xml"), "network", _network_file)
 
 
+def running_bridges(paths: object) -> List[str]:
+    """The bridges of every active network (unreadable files are skipped)."""
+    directory = _dir(paths, "running_networks_dir")
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    out = []
+    for fname in names:
+        if not fname.endswith(".xml") or fname.startswith("."):
+            continue
+        try:
+            net = _network_file(os.path.join(directory, fname))
+        except LibvirtDataError:
+            continue
+        if net is not None and net.bridge:
+            out.append(net.bridge)
+    return out
+
+
 def _network_file(path: str) -> Optional[Network]:
     data = _read_file(path)
     if data is None:

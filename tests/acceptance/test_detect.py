@@ -78,7 +78,7 @@ def test_detect_legacy_chains_when_name_unclear(topo, tmp_path):
 
 def test_importing_package_loads_no_binding():
     code = ("import sys; sys.path.insert(0, %r); import vnethook.firewall; "
-            "import vnethook.firewall.iptables_nft, vnethook.firewall.sysctl; "
+            "import vnethook.firewall.iptables_nft, vnethook.firewall.localnet; "
             "print(sorted(m for m in ('iptc', 'nftables', 'yaml', 'lxml') if m in sys.modules))" % REPO)
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

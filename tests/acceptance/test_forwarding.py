@@ -255,27 +255,6 @@ def test_host_reaches_own_address(net, backend, state):
         assert r.ok and r.who == "g1", (addr, r.text)
 
 
-def test_loopback_forward_host_only(net, backend, state):
-    localnet = f"net/ipv4/conf/{BRIDGE}/route_localnet"
-    globals_ = ["net/ipv4/conf/all/route_localnet", "net/ipv4/conf/default/route_localnet",
-                "net/ipv4/conf/ext0/route_localnet", "net/ipv4/ip_forward",
-                "net/bridge/bridge-nf-call-iptables"]
-    before = {p: net.sysctl(p) for p in globals_}
-    assert net.sysctl(localnet) == "0"
-    net.server("g1", "g1", "22")
-    apply(net, backend, state, [fwd(host="127.0.0.1", hp=(2222, 2222), gp=(22, 22))])
-    assert net.sysctl(localnet) == "1"
-    r = net.connect("host", "127.0.0.1", 2222)
-    assert r.ok and r.who == "g1", r.text
-    assert not net.connect("ext", A["host_ext4"], 2222).ok
-    assert not net.connect("g2", A["host_br4"], 2222).ok
-    assert {p: net.sysctl(p) for p in globals_} == before
-    net.drive("remove", backend, key(), state)
-    assert net.sysctl(localnet) == "0"
-    assert not net.connect("host", "127.0.0.1", 2222).ok
-    assert {p: net.sysctl(p) for p in globals_} == before
-
-
 # --- 8, 9: records, idempotence, convergence ----------------------------------------------
 
 

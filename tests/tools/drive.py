@@ -9,7 +9,8 @@
 
 It plays the engine's part: keeps each guest's record (KEY.record.json) and
 forwards (KEY.forwards.json) in STATE_DIR, passes the record as `previous`,
-and keeps route_localnet in step with all guests' loopback forwards.
+and keeps route_localnet and the loopback guard in step with all guests'
+loopback forwards (vnethook.firewall.localnet, as the engine does).
 Prints one JSON object: {"ok": bool, "record"|"snapshot"|"error": ..., "ms": float}
 where ms is the time the backend call itself took.
 
@@ -30,7 +31,7 @@ sys.path.insert(0, REPO)
 
 from vnethook.firewall import get_backend  # noqa: E402
 from vnethook.firewall.base import FirewallError  # noqa: E402
-from vnethook.firewall.sysctl import ensure_localnet  # noqa: E402
+from vnethook.firewall import localnet  # noqa: E402
 from vnethook.model import Forward  # noqa: E402
 
 
@@ -49,14 +50,15 @@ def _write(path, data):
     os.replace(tmp, path)
 
 
-def _localnet(state_dir):
+def _localnet(state_dir, verify=False):
     needed = set()
     for p in glob.glob(os.path.join(state_dir, "*.forwards.json")):
         for d in _read(p, []):
             fw = Forward.from_dict(d)
             if fw.is_loopback and fw.family == 4:
                 needed.add(fw.bridge)
-    ensure_localnet(state_dir, needed)
+    for problem in localnet.ensure(state_dir, needed, verify=verify):
+        print(problem, file=sys.stderr)
 
 
 def _inject_bad():

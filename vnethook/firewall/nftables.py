@@ -349,6 +349,12 @@ def _rule(chain: str, expr: List[dict]) -> dict:
 def base_rules() -> List[dict]:
     """The fixed rules of our chains, in order."""
     rules = [
+        # A loopback destination arriving from outside is never translated:
+        # a forward bound to 127.0.0.1 is the host's own (output hook only).
+        _rule("prerouting", [{"match": {"op": "==", "left": _payload("ip", "daddr"), "right": _loopback(4)}},
+                             {"return": None}]),
+        _rule("prerouting", [{"match": {"op": "==", "left": _payload("ip6", "daddr"), "right": _loopback(6)}},
+                             {"return": None}]),
         _rule("prerouting", [{"jump": {"target": "translate"}}]),
         _rule("output", [{"jump": {"target": "translate"}}]),
         _rule(
