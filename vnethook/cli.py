@@ -187,6 +187,8 @@ def _status_text(st) -> str:
     lines = [f"firewall backend: {b['name']} ({b['reason']})"]
     for p in st["problems"]:
         lines.append(f"problem: {p}")
+    for w in st.get("warnings", ()):
+        lines.append(w)
     if not st["guests"]:
         lines.append("no guests with forwards")
     for g in st["guests"]:

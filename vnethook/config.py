@@ -1222,6 +1222,10 @@ def check_main(path: str | None) -> int:
             print(p, file=sys.stderr)
         print(f"{len(e.problems)} problem(s) in the port map", file=sys.stderr)
         return 1
+    from vnethook.listeners import host_listeners, taken
+
+    for w in taken([r for g in cfg.guests.values() for r in g.forwards], host_listeners()):
+        print(w, file=sys.stderr)
     forwards = sum(len(g.forwards) for g in cfg.guests.values())
     print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s)")
     return 0

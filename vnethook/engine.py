@@ -19,6 +19,10 @@ from vnethook.lock import Lock
 from vnethook.model import Forward, guest_key
 
 
+class StateDirError(Exception):
+    """The state directory cannot be used safely; the message says why and what to do."""
+
+
 class SyncReport:
     def __init__(self):
         self.applied = []  # domains whose rules changed
@@ -123,7 +127,7 @@ class Engine:
         """Drop the forwards that point at NICs that went away (unplug)."""
         key = guest_key(domain_name)
         with Lock(self.paths.lock_file):
-            rec = state.read(self.paths, key)
+            rec = self._read_record(key)
             if rec is None:
                 return
             keep = [f for f in state.forwards_of(rec) if f.mac not in set(m.lower() for m in macs)]
@@ -131,7 +135,7 @@ class Engine:
 
     def _remove_locked(self, key: str, reason: str) -> bool:
         self._recover_if_needed()
-        rec = state.read(self.paths, key)
+        rec = self._read_record(key)
         if rec is None:
             if not state.exists(self.paths, key):
                 return False
@@ -140,8 +144,9 @@ class Engine:
             state.delete(self.paths, key)
             return True
         bname = rec.get("backend") or self.selected_backend()[0]
-        previous = None if rec.get("pending") else rec.get("rules")
-        self.backend(bname).remove(key, previous)
+        backend = self.backend(bname)
+        previous = None if rec.get("pending") else self._usable(backend, key, rec)
+        backend.remove(key, previous)
         removed = state.forwards_of(rec)
         for f in removed:
             log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", bname))
@@ -165,6 +170,7 @@ class Engine:
         what the firewall holds; each guest found gets a pending record so
         its next change replaces the rules found by tag.
         """
+        self._distrust_state_dir()
         if os.path.isdir(self.paths.guests_dir):
             return
         state.ensure_dirs(self.paths)
@@ -178,18 +184,86 @@ class Engine:
             state.write(self.paths, key, key, backend.name, [], sorted(rules), pending=True)
             log.warning(f"state was missing: recovered {len(rules)} tagged rule(s) of {key} from the firewall")
 
+    def _distrust_state_dir(self) -> None:
+        """Records are only used from a directory only root can change.
+
+        A state directory (or guests/) that is a symlink, owned by someone
+        else or writable by group/others is said plainly. guests/ is then set
+        aside whole (renamed, kept for the admin to look at) and rebuilt from
+        the tagged rules. The state directory itself is ours: a real
+        directory gets its owner and mode back; a symlink or another kind of
+        file stops the change, since nothing written through it is safe.
+        """
+        why = state.distrusted_dir(self.paths)
+        if why is None:
+            return
+        top = self.paths.state_dir
+        if why.startswith(top + ":"):
+            st = os.lstat(top)
+            if (st.st_mode & 0o170000) != 0o040000:
+                raise StateDirError(f"refusing to use the state directory {why}; remove it and run `vnethook sync` "
+                                    "(the records are rebuilt from the firewall's tagged rules)")
+            fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, os.geteuid(), -1)
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+            log.error(f"state directory {why}: made it root-only (0700)")
+            why = state.distrusted_dir(self.paths)
+            if why is None:
+                return
+        aside = f"{self.paths.guests_dir}.untrusted-{int(time.time())}-{os.getpid()}"
+        os.rename(self.paths.guests_dir, aside)  # a symlink is renamed, not followed
+        log.error(f"state directory {why}: not trusted; set aside as {aside}, "
+                  "records are rebuilt from the firewall's tagged rules")
+
+    def _read_record(self, key: str):
+        """The record of `key`; a refused one (untrusted file, bad field) is
+        said once in the log and treated as lost: rules are found by tag."""
+        rec = state.read(self.paths, key)
+        if rec is None:
+            why = state.refused(self.paths, key)
+            if why:
+                log.warning(f"record refused, finding {key}'s rules by tag instead: {why}")
+        return rec
+
+    @staticmethod
+    def _usable(backend, key: str, rec: dict):
+        """The record's rules as `previous` for the backend, or None (find
+        them by tag) if they do not parse as this backend's, or are not what
+        the record's own forwards render to (an older layout, or edited)."""
+        rules = rec["rules"]
+        why = backend.check_record(key, rules)
+        if why is None:
+            forwards = state.forwards_of(rec)
+            if forwards:
+                try:
+                    want = backend.record_for(key, forwards)
+                except Exception as e:
+                    want, why = None, f"its forwards do not render: {e}"
+                if want is not None and sorted(want) != sorted(rules):
+                    log.info(f"record of {key} differs from what its forwards render to now "
+                             "(an older layout?): finding its rules by tag")
+                    return None
+        if why is None:
+            return rules
+        log.warning(f"record of {key} refused, finding its rules by tag instead: {why}")
+        return None
+
     def _converge(self, key: str, domain: str, forwards: list, waiting: list, reason: str) -> None:
         self._recover_if_needed()
-        rec = state.read(self.paths, key)
+        rec = self._read_record(key)
         name = self.selected_backend()[0]
         old_forwards = state.forwards_of(rec)
         if rec is not None and rec.get("backend") and rec["backend"] != name:
             # The host switched firewall backends: clear the old one first.
-            self.backend(rec["backend"]).remove(key, None if rec.get("pending") else rec.get("rules"))
+            old = self.backend(rec["backend"])
+            old.remove(key, None if rec.get("pending") else self._usable(old, key, rec))
             rec = None
         previous = None
         if rec is not None and not rec.get("pending"):
-            previous = rec.get("rules")
+            previous = self._usable(self.backend(name), key, rec)
         elif rec is None and not state.exists(self.paths, key):
             previous = []  # never installed by us: nothing to find
         if not forwards and not previous and previous is not None:
@@ -277,6 +351,7 @@ class Engine:
                 except Exception as e:
                     report.errors.append(f"ensure base: {e}")
         with Lock(self.paths.lock_file):
+            self._recover_if_needed()
             # Plan under the lock: a plan made before it could be older than
             # a change a concurrent hook commits meanwhile (lost update).
             running = self.running_configured()
@@ -302,6 +377,11 @@ class Engine:
                     drift = set(rec.get("rules") or ()) != snap.guests.get(key, set())
                 elif rec is None and snap is not None and snap.guests.get(key):
                     drift = True
+                if not drift and snap is not None and rec is not None and want == have and want:
+                    # Installed as recorded, but not as this version renders it
+                    # (a layout change on upgrade): replace by tag.
+                    rendered = backend.record_for(key, sorted(want))
+                    drift = rendered is not None and sorted(rendered) != sorted(rec.get("rules") or ())
                 pending = rec is not None and rec.get("pending")
                 if want == have and not drift and not pending and rec is not None and (rec.get("backend") == backend.name):
                     if list(rec.get("waiting") or ()) != list(plan.waiting):
@@ -386,7 +466,7 @@ class Engine:
     # ------------------------------------------------------------ status
     def status(self) -> dict:
         name, reason = self.selected_backend(redetect=True)
-        out = {"backend": {"name": name, "reason": reason}, "guests": [], "problems": []}
+        out = {"backend": {"name": name, "reason": reason}, "guests": [], "problems": [], "warnings": []}
         try:
             snap = self.backend().snapshot()
         except Exception as e:
@@ -436,6 +516,10 @@ class Engine:
                     "backend": (rec or {}).get("backend"),
                 }
             )
+        if self.config is not None:
+            from vnethook.listeners import host_listeners, taken
+
+            out["warnings"] = taken([r for g in self.config.guests.values() for r in g.forwards], host_listeners())
         return out
 
 

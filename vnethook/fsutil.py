@@ -32,3 +32,21 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     except OSError:
         os.unlink(tmp)
         raise
+
+
+def distrust(st: os.stat_result, kind: str = "file") -> "str | None":
+    """Why a state file or directory (from lstat) may not be trusted, or None.
+
+    Records go into firewall batches and decide what is removed, so they
+    are held to what the config is: owned by root (or whoever runs us), not
+    writable by group or others, and no symlink (lstat sees the link).
+    """
+    fmt = st.st_mode & 0o170000
+    want = 0o040000 if kind == "directory" else 0o100000
+    if fmt != want:
+        return "a symlink" if fmt == 0o120000 else f"not a regular {kind}"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return "writable by " + {0o020: "group", 0o002: "others", 0o022: "group and others"}[st.st_mode & 0o022]
+    return None

@@ -233,6 +233,31 @@ class Forward:
             origin=d.get("origin", ""),
         )
 
+    @classmethod
+    def from_record(cls, d: dict) -> "Forward":
+        """from_dict for what was read back from disk: every field checked
+        (a record decides what is removed and is rendered into batches)."""
+        f = cls.from_dict(d)
+        for name in ("domain", "mac", "network", "bridge", "subnet", "guest_address", "protocol", "origin"):
+            if not isinstance(getattr(f, name), str):
+                raise ValueError(f"{name}: not a string")
+        # Names may hold anything libvirt allows; what reaches the firewall may not.
+        if not all(v.isprintable() for v in (f.bridge, f.subnet, f.guest_address, f.protocol)):
+            raise ValueError("control characters")
+        if f.family not in (4, 6) or f.protocol not in ("tcp", "udp", "sctp"):
+            raise ValueError(f"family/protocol {f.family}/{f.protocol}")
+        if not 0 < len(f.bridge) < 16 or any(c in f.bridge for c in "/: \t") or f.bridge in (".", ".."):
+            raise ValueError(f"bridge {f.bridge!r}")
+        _check_addr(f.guest_address, f.family)
+        if f.host_address is not None:
+            _check_addr(f.host_address, f.family)
+        for net in (f.subnet,) + f.sources:
+            _check_net(net)
+        (hlo, hhi), (glo, ghi) = f.host_ports, f.guest_ports
+        if not (0 < hlo <= hhi <= 65535 and 0 < glo <= ghi <= 65535 and hhi - hlo == ghi - glo):
+            raise ValueError(f"ports {hlo}-{hhi} -> {glo}-{ghi}")
+        return f
+
     def describe(self) -> str:
         hp = _ports(self.host_ports)
         gp = _ports(self.guest_ports)
@@ -242,6 +267,35 @@ class Forward:
         ga = self.guest_address if self.family == 4 else f"[{self.guest_address}]"
         src = f" from {','.join(self.sources)}" if self.sources else ""
         return f"{host}:{hp} -> {ga}:{gp}/{self.protocol}{src}"
+
+
+def _check_addr(text: object, family: "int | None") -> int:
+    """The family of an address string (ValueError if it is none).
+
+    socket.inet_pton, not ipaddress: the `stopped` hook reads records and
+    ipaddress costs more to import than the whole check.
+    """
+    import socket
+
+    if not isinstance(text, str):
+        raise ValueError(f"address {text!r}")
+    for fam, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+        if family in (None, fam):
+            try:
+                socket.inet_pton(af, text)
+                return fam
+            except OSError:
+                pass
+    raise ValueError(f"address {text!r} is not IPv{family or '4/6'}")
+
+
+def _check_net(text: object) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"network {text!r}")
+    addr, _, plen = text.partition("/")
+    fam = _check_addr(addr, None)
+    if plen and not (plen.isdigit() and int(plen) <= (32 if fam == 4 else 128)):
+        raise ValueError(f"network {text!r}")
 
 
 def _sortable(t):

@@ -7,15 +7,19 @@ or the lease vanished in between. The record is written *before* a change
 next run sees `pending` and lets the backend find the guest's rules by tag
 instead of trusting the record.
 
-A corrupt or unreadable record is treated as lost (None), never fatal: the
-firewall itself is the ground truth that sync falls back to.
+A corrupt, unreadable or untrusted record is treated as lost (None), never
+fatal: the firewall itself is the ground truth that sync falls back to.
+Records are held to what the config is held to (fsutil.distrust: owned by
+root, not group- or world-writable, no symlink), and their contents are
+checked field by field before anything reaches a batch: `refused()` says
+why one was not used.
 """
 
 from __future__ import annotations
 
 import os
 
-from vnethook.fsutil import atomic_write
+from vnethook.fsutil import atomic_write, distrust
 from vnethook.model import Forward
 
 # json is imported where a record is read or written, not here: the hook's
@@ -31,22 +35,92 @@ def ensure_dirs(paths) -> None:
 
 
 def read(paths, key: str) -> dict | None:
+    rec, _why = _load(paths, key)
+    return rec
+
+
+def refused(paths, key: str) -> str | None:
+    """Why the record of `key` exists but is not used (None: fine or absent)."""
+    return _load(paths, key)[1]
+
+
+def _load(paths, key: str) -> "tuple[dict | None, str | None]":
     import json
 
+    path = _path(paths, key)
     try:
-        with open(_path(paths, key), "rb") as f:
-            data = json.loads(f.read())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
-        return None
-    return data
+        return None, None
+    except OSError as e:
+        return None, f"{path}: {e.strerror}"
+    try:
+        why = distrust(os.fstat(fd))
+        if why:
+            return None, f"{path}: {why}"
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = json.loads(f.read(1 << 24))
+    except (OSError, ValueError) as e:
+        return None, f"{path}: unreadable ({e})"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    why = _shape(data, key)
+    if why:
+        return None, f"{path}: {why}"
+    return data, None
+
+
+def _plain(v: object) -> bool:
+    return isinstance(v, str) and not any(ord(c) < 32 or ord(c) == 127 for c in v)
+
+
+def _shape(data: object, key: str) -> str | None:
+    """The record's structure and every field that goes anywhere."""
+    if not isinstance(data, dict):
+        return "not a record"
+    rules, fwds, waiting = data.get("rules"), data.get("forwards", []), data.get("waiting", [])
+    if not isinstance(rules, list) or not all(_plain(r) for r in rules):
+        return "rules: not a list of plain strings"
+    if data.get("key", key) != key:
+        return f"key {data.get('key')!r} is not {key!r}"
+    if not isinstance(data.get("domain", ""), str):
+        return "domain: not a string"
+    if data.get("backend") not in (None, "", "iptables-nft", "iptables-legacy", "nftables"):
+        return f"backend {data.get('backend')!r}"
+    if not isinstance(data.get("pending", False), bool):
+        return "pending: not a boolean"
+    if not isinstance(waiting, list) or not all(_plain(w) for w in waiting):
+        return "waiting: not a list of plain strings"
+    if not isinstance(fwds, list):
+        return "forwards: not a list"
+    for i, d in enumerate(fwds):
+        try:
+            f = Forward.from_record(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            return f"forwards[{i}]: {e}"
+        if f.key != key:
+            return f"forwards[{i}] belongs to {f.key}"
+    return None
 
 
 def exists(paths, key: str) -> bool:
-    return os.path.exists(_path(paths, key))
+    return os.path.lexists(_path(paths, key))
+
+
+def distrusted_dir(paths) -> str | None:
+    """Why the state directory or its guests/ may not be trusted, or None."""
+    for d in (paths.state_dir, paths.guests_dir):
+        try:
+            why = distrust(os.lstat(d), "directory")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            why = e.strerror
+        if why:
+            return f"{d}: {why}"
+    return None
 
 
 def write(
@@ -104,7 +178,7 @@ def forwards_of(record: dict | None) -> list:
     out = []
     for d in record.get("forwards") or ():
         try:
-            out.append(Forward.from_dict(d))
-        except (KeyError, TypeError, ValueError):
+            out.append(Forward.from_record(d))
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return out

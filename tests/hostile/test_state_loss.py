@@ -9,6 +9,7 @@ duplicated, none is orphaned, and other people's rules stay as they were.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import threading
@@ -173,3 +174,97 @@ def test_status_and_lease_files_vanishing_mid_read(host):
     got = _no_dupes(host)
     assert any("192.0.2.10" in l for l in got) and any("192.0.2.11" in l for l in got)
     assert got == _reference(host)
+
+
+def _tamper(host, key, edit):
+    path = host.state / "guests" / f"{key}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_tampered_records_are_refused_and_sync_recovers(host):
+    """A record whose lines would inject into a restore batch, or name another
+    table or another guest's rule, is refused (said in the log) before any
+    batch; the rules are found by tag and nobody else's are touched."""
+    baseline = host.foreign()
+    host.write_map(_map())
+    for g, m in MACS.items():
+        assert host.started(g, [m]).returncode == 0
+    reference = _no_dupes(host)
+    keys = sorted(host.records())
+    others = host.records()[keys[1]]["rules"]
+
+    def inject(data):
+        data["rules"] = [r + "\n-A FORWARD -j ACCEPT" if i == 0 else r for i, r in enumerate(data["rules"])]
+        data["rules"].append("4 filter -A FORWARD -j ACCEPT" if host.backend != "nftables"
+                             else "tcp *:1 -> 192.0.2.99:1\nflush ruleset")
+
+    def foreign(data):
+        data["rules"] = [r.replace(" nat ", " mangle ", 1) for r in data["rules"]] + list(others)
+
+    for edit in (inject, foreign):
+        _tamper(host, keys[0], edit)
+        host.write_map(_map(9000))
+        p = host.started("g0", [MACS["g0"]])
+        assert p.returncode == 0 and b"by tag" in p.stderr, p.stderr
+        got = _no_dupes(host)
+        assert not any(":8000" in l or "dport 8000" in l for l in got)
+        assert any("9000" in l for l in got) and any("8001" in l for l in got)  # g1's rules untouched
+        assert host.foreign() == baseline
+        host.write_map(_map())
+        assert host.started("g0", [MACS["g0"]]).returncode == 0
+    # A tampered forward field (the bridge) and a foreign backend name.
+    _tamper(host, keys[0], lambda d: d["forwards"][0].update(bridge="virbr0/../../x"))
+    _tamper(host, keys[1], lambda d: d.update(backend="/bin/sh"))
+    p = host.cli("sync")
+    assert p.returncode == 0 and p.stderr.count(b"refused") >= 2, p.stderr
+    assert _no_dupes(host) == reference
+    assert host.stopped("g0", [MACS["g0"]]).returncode == 0
+    assert host.stopped("g1", [MACS["g1"]]).returncode == 0
+    assert host.ours() == []
+    assert host.foreign() == baseline
+
+
+def test_untrusted_state_dir_is_set_aside_and_rebuilt(host):
+    baseline = host.foreign()
+    host.write_map(_map())
+    for g, m in MACS.items():
+        assert host.started(g, [m]).returncode == 0
+    reference = _no_dupes(host)
+    guests = host.state / "guests"
+    os.chmod(guests, 0o777)
+    p = host.cli("sync")
+    assert p.returncode == 0, p.stderr
+    assert b"writable by group and others" in p.stderr and b"set aside" in p.stderr, p.stderr
+    assert _no_dupes(host) == reference
+    assert (os.stat(guests).st_mode & 0o777) == 0o700 and sorted(host.records()) == sorted(_keys(host))
+    aside = [d for d in os.listdir(host.state) if d.startswith("guests.untrusted-")]
+    assert len(aside) == 1
+    # A record file someone else may write: refused, found by tag, replaced.
+    key = sorted(host.records())[0]
+    os.chmod(guests / f"{key}.json", 0o646)
+    host.write_map(_map(9000))
+    p = host.started("g0", [MACS["g0"]])
+    assert p.returncode == 0 and b"writable by others" in p.stderr, p.stderr
+    got = _no_dupes(host)
+    assert any("9000" in l for l in got) and not any("8000" in l for l in got)
+    # The state directory itself a symlink: nothing is changed, and it says so.
+    shutil.rmtree(host.state / aside[0])
+    real = host.tmp / "state-real"
+    os.rename(host.state, real)
+    os.symlink(real, host.state)
+    before = host.dump()
+    p = host.stopped("g1", [MACS["g1"]])
+    assert p.returncode == 0 and b"symlink" in p.stderr and b"Traceback" not in p.stderr, p.stderr
+    assert host.dump() == before
+    os.unlink(host.state)
+    os.rename(real, host.state)
+    assert host.cli("sync").returncode == 0
+    assert host.foreign() == baseline
+
+
+def _keys(host):
+    from vnethook.model import guest_key
+
+    return [guest_key(g) for g in MACS]

@@ -59,6 +59,17 @@ class Backend(abc.ABC):
         Returns the new record. Raises FirewallError on failure.
         """
 
+    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
+        """Why a record's rules must not be used as `previous` for `key`, or
+        None. The engine asks before every fast path; a refused record
+        makes the backend find the guest's rules by tag instead."""
+        return None
+
+    def record_for(self, key: str, forwards: Sequence[Forward]) -> Optional[List[str]]:
+        """The record apply() would return for these forwards (pure), or None
+        if this backend cannot say without the firewall."""
+        return None
+
     @abc.abstractmethod
     def remove(self, key: str, previous: Optional[List[str]]) -> None:
         """Remove guest `key`'s forwards. Atomic, idempotent."""

@@ -235,16 +235,22 @@ class IptablesNftBackend(Backend):
 
     # --- Backend -----------------------------------------------------------
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
-        check_key(key, forwards)
+    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
+        return ir.check_record(key, rules)
+
+    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
         try:
             new = ir.render(forwards, self.marked)
         except ValueError as e:
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
-        if not new:
+        return [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
+
+    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
+        check_key(key, forwards)
+        record = self.record_for(key, forwards)
+        if not record:
             self.remove(key, previous)
             return []
-        record = [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
         if previous is not None:
             try:
                 self._apply_fast(previous, record)

@@ -146,10 +146,9 @@ def load(state_dir: str) -> Saved:
     import json
 
     try:
-        st = os.lstat(path)
-        import stat
+        from vnethook.fsutil import distrust
 
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        if distrust(os.lstat(path)):
             return Saved({}, True, False)
         with open(path) as f:
             data = json.load(f)

@@ -700,6 +700,17 @@ class NftablesBackend(Backend):
 
     # -- Backend interface
 
+    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
+        for line in rules:
+            try:
+                parse_canonical(line)
+            except ValueError as e:
+                return str(e)
+        return None
+
+    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+        return sorted(render_elements(forwards))
+
     def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
         want = render_elements(forwards)
         if not want:
