@@ -145,7 +145,7 @@ class Engine:
             return True
         bname = rec.get("backend") or self.selected_backend()[0]
         backend = self.backend(bname)
-        previous = None if rec.get("pending") else self._usable(backend, key, rec)
+        previous = None if rec.get("pending") else self._usable(backend, key, rec, rendered=False)
         backend.remove(key, previous)
         removed = state.forwards_of(rec)
         for f in removed:
@@ -229,13 +229,15 @@ class Engine:
         return rec
 
     @staticmethod
-    def _usable(backend, key: str, rec: dict):
+    def _usable(backend, key: str, rec: dict, rendered: bool = True):
         """The record's rules as `previous` for the backend, or None (find
-        them by tag) if they do not parse as this backend's, or are not what
-        the record's own forwards render to (an older layout, or edited)."""
+        them by tag) if they do not parse as this backend's, or (`rendered`)
+        are not what the record's own forwards render to (an older layout,
+        or edited). A removal skips rendering: deleting exactly the recorded
+        lines is right for any layout, and `stopped` stays cheap."""
         rules = rec["rules"]
         why = backend.check_record(key, rules)
-        if why is None:
+        if why is None and rendered:
             forwards = state.forwards_of(rec)
             if forwards:
                 try:
@@ -259,7 +261,7 @@ class Engine:
         if rec is not None and rec.get("backend") and rec["backend"] != name:
             # The host switched firewall backends: clear the old one first.
             old = self.backend(rec["backend"])
-            old.remove(key, None if rec.get("pending") else self._usable(old, key, rec))
+            old.remove(key, None if rec.get("pending") else self._usable(old, key, rec, rendered=False))
             rec = None
         previous = None
         if rec is not None and not rec.get("pending"):

@@ -272,17 +272,17 @@ class Forward:
 def _check_addr(text: object, family: "int | None") -> int:
     """The family of an address string (ValueError if it is none).
 
-    socket.inet_pton, not ipaddress: the `stopped` hook reads records and
-    ipaddress costs more to import than the whole check.
+    _socket.inet_pton, not ipaddress or socket: the `stopped` hook reads
+    records, and either module costs more to import than the whole check.
     """
-    import socket
+    import _socket
 
     if not isinstance(text, str):
         raise ValueError(f"address {text!r}")
-    for fam, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+    for fam, af in ((4, _socket.AF_INET), (6, _socket.AF_INET6)):
         if family in (None, fam):
             try:
-                socket.inet_pton(af, text)
+                _socket.inet_pton(af, text)
                 return fam
             except OSError:
                 pass
