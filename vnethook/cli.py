@@ -119,11 +119,23 @@ def _plan(args) -> int:
     else:
         domain = libvirt.running_domain(paths, args.domain)
         if domain is None:
-            sys.stderr.write(
-                f"vnethook: domain '{args.domain}' is not running "
-                f"(no {paths.running_domain_xml(args.domain)}); pass --domain-xml FILE\n"
-            )
-            return 1
+            # Not running: its persistent definition says which NICs it will have.
+            import os
+
+            defined = os.path.join(paths.libvirt_etc, "qemu", f"{args.domain}.xml")
+            try:
+                with open(defined, "rb") as f:
+                    domain = libvirt.parse_domain(f.read(), source=defined)
+            except FileNotFoundError:
+                domain = None
+            if domain is None:
+                sys.stderr.write(
+                    f"vnethook: domain '{args.domain}' is neither running "
+                    f"(no {paths.running_domain_xml(args.domain)}) nor defined (no {defined}); "
+                    "pass --domain-xml FILE\n"
+                )
+                return 1
+            sys.stderr.write(f"vnethook: {args.domain} is not running: planned from {defined}\n")
     if domain.name != args.domain:
         sys.stderr.write(f"vnethook: the XML describes '{domain.name}', not '{args.domain}'\n")
         return 1
@@ -158,6 +170,11 @@ def _plan_table(plan) -> str:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     else:
         lines.append("  no forwards can be placed yet")
+    if plan.pending:
+        from vnethook.plan import describe_rule
+
+        for rule, fam, why in plan.pending:
+            lines.append(f"  pending  {describe_rule(rule, fam)}  ({rule.origin}): {why}")
     for w in plan.waiting:
         lines.append(f"  waiting: {w}")
     for e in plan.errors:
@@ -195,8 +212,9 @@ def _status_text(st) -> str:
         state = "running" if g["running"] else "not running"
         addrs = ", ".join(f"{a} ({how})" for _, a, how in g["addresses"]) or "no address"
         lines.append(f"\n{g['domain']} [{state}] {addrs}")
+        blocked = bool(st.get("path_problems"))
         for f in g["desired"]:
-            mark = "ok" if f in g["installed"] else "MISSING"
+            mark = ("BLOCKED" if blocked else "ok") if f in g["installed"] else "MISSING"
             lines.append(f"  {mark:8} {f}")
         for f in g["installed"]:
             if f not in g["desired"]:

@@ -153,7 +153,19 @@ class Engine:
         state.delete(self.paths, key)
         if any(f.is_loopback for f in removed) or self._localnet_in_use():
             self._update_localnet()
+        if not state.any_record(self.paths):
+            self._update_others(backend)
         return True
+
+    def _update_others(self, backend=None) -> None:
+        """Our accept in other managers' FORWARD chains (firewall/others.py):
+        there while any guest has a record, gone with the last one."""
+        from vnethook.firewall import others
+
+        backend = backend or self.backend()
+        active = state.any_record(self.paths)
+        for p in others.ensure(active, covered=getattr(backend, "forward_flavour", None)):
+            log.warning(f"could not {'add' if active else 'remove'} the accept in another manager's FORWARD chain: {p}")
 
     def _localnet_in_use(self) -> bool:
         """Cheap check first: reading every record is O(guests)."""
@@ -286,6 +298,7 @@ class Engine:
             state.write(self.paths, key, domain, name, forwards, rules, waiting=waiting)
         else:
             state.delete(self.paths, key)
+        self._update_others(backend)
         old, new = set(old_forwards), set(forwards)
         for f in sorted(new - old, key=lambda f: f.describe()):
             log.info(f"added {f.describe()} ({reason})", **log.forward_fields(f, "add", name))
@@ -420,7 +433,34 @@ class Engine:
                     self._drop_orphan_base(backend, report)
             if verify:
                 self._update_localnet(verify=True)
+            self._update_others(backend)
         return report
+
+    def _path_problems(self, v6_flags: set) -> list:
+        """What would drop every forwarded connection, past our own rules:
+        ip forwarding off, another manager's FORWARD chain (firewall/others.py)."""
+        from vnethook.firewall import others
+
+        out = []
+        for fam, path in ((4, "/proc/sys/net/ipv4/ip_forward"), (6, "/proc/sys/net/ipv6/conf/all/forwarding")):
+            if fam == 6 and True not in v6_flags:
+                continue
+            try:
+                with open(path) as f:
+                    if f.read().strip() == "0":
+                        out.append(f"dropped: {path} is 0 (IPv{fam} forwarding off; libvirt turns it on with a NAT network)")
+            except OSError:
+                pass
+        mine = getattr(self.backend(), "forward_flavour", None)
+        try:
+            views = others.views()
+        except Exception as e:
+            return out + [f"cannot list other managers' FORWARD chains: {e}"]
+        for (flavour, fam), view in sorted(views.items()):
+            v = others.verdict(view, flavour, fam, jump_first=flavour == mine)
+            if v:
+                out.append(v)
+        return out
 
     def _drop_orphan_base(self, backend, report) -> None:
         """No guest has forwards: nothing of ours may stay, not even the base.
@@ -463,6 +503,7 @@ class Engine:
             for key in list(state.all_records(self.paths)):
                 state.delete(self.paths, key)
             self._update_localnet()
+            self._update_others()
         return done
 
     # ------------------------------------------------------------ status
@@ -518,6 +559,11 @@ class Engine:
                     "backend": (rec or {}).get("backend"),
                 }
             )
+        out["path_problems"] = list(snap.problems) if snap is not None else ["cannot list the firewall"]
+        if any(g["installed"] for g in out["guests"]):
+            more = self._path_problems({f.startswith("[") for g in out["guests"] for f in g["installed"]})
+            out["path_problems"] += more
+            out["problems"].extend(more)
         if self.config is not None:
             from vnethook.listeners import host_listeners, taken
 

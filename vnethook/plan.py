@@ -20,14 +20,15 @@ from vnethook.model import Forward
 class Plan:
     """The outcome for one guest (a plain class: dataclasses cost 10 ms to import)."""
 
-    __slots__ = ("domain", "forwards", "waiting", "errors", "addresses")
+    __slots__ = ("domain", "forwards", "waiting", "errors", "addresses", "pending")
 
-    def __init__(self, domain, forwards=(), waiting=(), errors=(), addresses=()):
+    def __init__(self, domain, forwards=(), waiting=(), errors=(), addresses=(), pending=()):
         self.domain = domain
         self.forwards = tuple(forwards)  # Forward, ...
         self.waiting = tuple(waiting)  # why some forwards cannot be placed yet
         self.errors = tuple(errors)  # config that cannot be honoured (never retried)
         self.addresses = tuple(addresses)  # (mac, address, where it came from)
+        self.pending = tuple(pending)  # (config.PortRule, family, why): not placed yet
 
     @property
     def complete(self) -> bool:
@@ -40,7 +41,31 @@ class Plan:
             "waiting": list(self.waiting),
             "errors": list(self.errors),
             "addresses": [list(a) for a in self.addresses],
+            "pending": [{"forward": describe_rule(r, fam), "origin": r.origin, "why": why}
+                        for r, fam, why in self.pending],
         }
+
+
+def describe_rule(rule, family) -> str:
+    """A map entry as the forwards it would make are described, guest side unknown."""
+    lo, hi = rule.host_ports
+    glo, ghi = rule.guest_ports
+    hp = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    gp = f"{glo}" if glo == ghi else f"{glo}-{ghi}"
+    if rule.host_address:
+        host = f"[{rule.host_address}]" if family == 6 else rule.host_address
+    else:
+        host = "*" if family == 4 else "[*]"
+    src = f" from {','.join(rule.sources)}" if rule.sources else ""
+    return f"{host}:{hp} -> ?:{gp}/{rule.protocol}{src}"
+
+
+def _all_pending(guest, why):
+    out = []
+    for r in guest.forwards:
+        fams = [_family(r.host_address)] if r.host_address else [4]
+        out += [(r, fam, why) for fam in fams]
+    return tuple(out)
 
 
 def _family(addr: str) -> int:
@@ -106,13 +131,15 @@ def plan_guest(
     """
     nic, why = _pick_nic(guest, domain)
     if nic is None:
-        return Plan(domain.name, waiting=(f"{domain.name}: {why}",))
+        return Plan(domain.name, waiting=(f"{domain.name}: {why}",), pending=_all_pending(guest, why))
     network = networks.get(nic.network)
     if network is None:
-        return Plan(domain.name, waiting=(f"{domain.name}: network '{nic.network}' is not running",))
+        why = f"network '{nic.network}' is not running"
+        return Plan(domain.name, waiting=(f"{domain.name}: {why}",), pending=_all_pending(guest, why))
     bridge = nic.bridge or network.bridge
     if not bridge:
-        return Plan(domain.name, waiting=(f"{domain.name}: network '{nic.network}' has no bridge",))
+        why = f"network '{nic.network}' has no bridge"
+        return Plan(domain.name, waiting=(f"{domain.name}: {why}",), pending=_all_pending(guest, why))
 
     errors = []
     waiting = []
@@ -153,6 +180,7 @@ def plan_guest(
         how.append((nic.mac, lease.ip, "lease"))
 
     forwards = []
+    pending = []
     for rule in guest.forwards:
         if rule.host_address is not None:
             families = [_family(rule.host_address)]
@@ -160,10 +188,10 @@ def plan_guest(
             families = sorted(addrs) or [4]
         for fam in families:
             if fam not in addrs:
-                waiting.append(
-                    f"{domain.name}: no IPv{fam} address yet for {nic.mac} on '{nic.network}' "
-                    f"(no fixed address, static host or lease)"
-                )
+                why = (f"no IPv{fam} address yet for {nic.mac} on '{nic.network}' "
+                       f"(no fixed address, static host or lease)")
+                waiting.append(f"{domain.name}: {why}")
+                pending.append((rule, fam, why))
                 continue
             sources = tuple(s for s in rule.sources if _family(s.split("/")[0]) == fam)
             if rule.sources and not sources:
@@ -192,6 +220,7 @@ def plan_guest(
         waiting=tuple(dict.fromkeys(waiting)),
         errors=tuple(errors),
         addresses=tuple(how),
+        pending=tuple(pending),
     )
 
 

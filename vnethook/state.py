@@ -150,6 +150,14 @@ def write(
     atomic_write(_path(paths, key), json.dumps(rec, indent=1, sort_keys=True).encode())
 
 
+def any_record(paths) -> bool:
+    """Whether any guest has a record (one directory listing, no reads)."""
+    try:
+        return any(n.endswith(".json") for n in os.listdir(paths.guests_dir))
+    except OSError:
+        return False
+
+
 def delete(paths, key: str) -> None:
     try:
         os.unlink(_path(paths, key))

@@ -271,7 +271,14 @@ class FakeHost:
             # comments, and it leaves the builtin chains it created: compare
             # its tables through the save views, the rest of nft as is.
             out["nft"] = _drop_tables(out["nft"], ("ip filter", "ip nat", "ip6 filter", "ip6 nat"))
+        else:
+            # Our accept in another manager's iptables-nft FORWARD/DOCKER-USER
+            # (firewall/others.py): nft prints it without its comment.
+            out["nft"] = "\n".join(ln for ln in out["nft"].splitlines() if _OTHERS_NFT not in ln)
         return out
+
+
+_OTHERS_NFT = "ct status dnat ct mark and 0x2000000 == 0x2000000  counter accept"
 
 
 _OWN_BLOCK = re.compile(r"(table \S+ vnethook|chain VNETHOOK-)")

@@ -77,7 +77,30 @@ def test_plan_unconfigured_and_not_running(tmp_path):
     cp = _vnethook(tmp_path, "plan", "web1", "--domain-xml", STARTED, VNETHOOK_CONFIG=d)
     assert cp.returncode == 0 and "not in the port map" in cp.stdout
     cp = _vnethook(tmp_path, "plan", "web1", VNETHOOK_CONFIG=d)
-    assert cp.returncode == 1 and "is not running" in cp.stderr
+    assert cp.returncode == 1 and "is neither running" in cp.stderr
+
+
+def test_plan_shows_pending_forwards_with_the_reason(tmp_path):
+    _libvirt_tree(tmp_path)
+    d = _map(tmp_path, "guests:\n  web1: [8080:80, '127.0.0.1:5432:5432', 5353:53/udp]\n")
+    # Running, but no address known yet (no lease, no static host, none in the map).
+    cp = _vnethook(tmp_path, "plan", "web1", "--domain-xml", STARTED, VNETHOOK_CONFIG=d)
+    assert cp.returncode == 0, cp.stderr
+    pend = [ln for ln in cp.stdout.splitlines() if ln.strip().startswith("pending")]
+    assert len(pend) == 3 and all("no IPv4 address yet for 52:54:00:e2:00:01" in ln for ln in pend), cp.stdout
+    assert any("*:8080 -> ?:80/tcp" in ln for ln in pend) and any("127.0.0.1:5432" in ln for ln in pend)
+    assert all("ports.yaml:2" in ln for ln in pend)
+    js = json.loads(_vnethook(tmp_path, "plan", "web1", "--domain-xml", STARTED, "--json", VNETHOOK_CONFIG=d).stdout)
+    assert len(js["pending"]) == 3 and js["forwards"] == []
+    # Not running at all, network down: planned from its definition, each forward pending with why.
+    qemu = tmp_path / "root" / "etc/libvirt/qemu"
+    qemu.mkdir(parents=True)
+    shutil.copy(STARTED, qemu / "web1.xml")
+    os.unlink(tmp_path / "root/run/libvirt/network/vnhnet.xml")
+    cp = _vnethook(tmp_path, "plan", "web1", VNETHOOK_CONFIG=d)
+    assert cp.returncode == 0 and "planned from" in cp.stderr, cp.stderr
+    pend = [ln for ln in cp.stdout.splitlines() if ln.strip().startswith("pending")]
+    assert len(pend) == 3 and all("network 'vnhnet' is not running" in ln for ln in pend), cp.stdout
 
 
 def test_filter_events_print_nothing(tmp_path):

@@ -48,6 +48,9 @@ class Backend(abc.ABC):
     """Apply, remove, list and verify one guest's forwards."""
 
     name: str = "abstract"
+    # The iptables flavour whose filter FORWARD this backend's own jump
+    # already accepts in (see firewall/others.py), if any.
+    forward_flavour: Optional[str] = None
 
     @abc.abstractmethod
     def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:

@@ -478,6 +478,7 @@ class IptablesLegacyBackend(IptablesNftBackend):
     """iptables-legacy: IPv4 through libiptc in-process, IPv6 through ip6tables-legacy-restore."""
 
     name = "iptables-legacy"
+    forward_flavour = "legacy"
     # Shared chains only. A legacy commit replaces the whole table anyway,
     # so per-guest chains save nothing there and cost more: 3 chains per
     # guest make the blob and libiptc's chain handling bigger (measured

@@ -165,6 +165,7 @@ class IptablesNftBackend(Backend):
     """iptables-nft: one restore batch per family per change."""
 
     name = "iptables-nft"
+    forward_flavour = "nft"
     # Each guest in its own chains (iptables_rules.place): with nf_tables,
     # a change then touches only the guest's chains and its jumps.
     per_guest_chains = True

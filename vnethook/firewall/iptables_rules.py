@@ -501,6 +501,7 @@ class FamilyState(Value, frozen=False):
     marked: bool = False  # the layout this state was read for
     base: Dict[Tuple[str, str], List[str]] = factory(dict)  # base rules' chain -> untagged specs listed
     shared: List[str] = factory(list)  # canonical shared rules (subnets' hairpins)
+    filter_rules: Dict[str, List[str]] = factory(dict)  # filter table: chain -> specs (all of them)
 
     @property
     def present(self) -> bool:
@@ -535,8 +536,16 @@ class FamilyState(Value, frozen=False):
                 if spec != j.spec:
                     out.append(f"ipv{self.family} {j.table}: stray jump {j.chain} {spec}")
         if self.jumps.get(("filter", "FORWARD")) and self.first_forward != jumps[3].spec:
-            out.append(f"ipv{self.family} filter: FORWARD jump to {CHAIN_FWD} is not first "
-                       f"(first is {self.first_forward!r})")
+            # Another manager's jumps above ours (Docker re-inserts its own
+            # on every start) are fine as long as none of them may drop.
+            from vnethook.firewall.others import FilterView, culprit
+
+            view = FilterView({}, self.filter_rules)
+            forward = self.filter_rules.get("FORWARD", [])
+            above = culprit(view, "FORWARD", forward.index(jumps[3].spec) if jumps[3].spec in forward else None)
+            if above:
+                out.append(f"ipv{self.family} filter: {above} is above the FORWARD jump to {CHAIN_FWD} "
+                           "and may drop forwarded connections")
         for table, chain in self.base_wrong():
             if chain in self.chains.get(table, set()):
                 out.append(f"ipv{self.family} {table}: chain {chain} does not hold exactly its base rules")
@@ -559,7 +568,11 @@ def family_state(family: int, tables: Dict[str, SavedTable], marked: bool = Fals
         # Jumps into any chain of ours (either layout's), so that a base
         # left by the other layout is seen, and replaced.
         jump_re = re.compile(r"(^| )-j (" + "|".join(OUR_CHAINS_MARKED[table]) + r")$")
+        if table == "filter":
+            st.filter_rules = {c: [] for c in t.chains}
         for chain, spec in t.rules:
+            if table == "filter":
+                st.filter_rules.setdefault(chain, []).append(spec)
             if table == "filter" and chain == "FORWARD" and st.first_forward is None:
                 st.first_forward = spec
             if chain in ours or is_guest_chain(chain):

@@ -1,0 +1,134 @@
+"""Next to Docker and ufw: their iptables FORWARD policy DROP must not eat our forwards.
+
+Real rules, real packets. The host carries a Docker-like filter table
+(DOCKER-USER, isolation chains, FORWARD jumps; tests/acceptance/rulesets)
+loaded through the iptables flavour Docker would use next to this backend,
+with FORWARD's policy set to DROP as dockerd sets it. A ufw-like host has
+ufw's chains and the same policy but no DOCKER-USER. vnethook's one static
+accept (ct-marked DNAT only) goes into DOCKER-USER or the head of FORWARD;
+what the managers do on restart or reload must not undo it, `status` must
+agree with the traffic, and nothing else may become reachable.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from netns import A
+
+MAP = {"g0": "{address: 192.0.2.10, forward: [8000:80, 5300:53/udp]}"}
+MAC = "52:54:00:00:05:00"
+
+
+def _ipt(host, *args, v6=True):
+    flavour = "legacy" if host.backend == "iptables-legacy" else "nft"
+    for fam in ("", "6") if v6 else ("",):
+        host.topo.exec("host", f"ip{fam}tables-{flavour}", *args)
+
+
+def _works(host):
+    t = host.topo
+    tcp = t.connect("ext", A["host_ext4"], 8000)
+    udp = t.connect("ext", A["host_ext4"], 5300, proto="udp")
+    return tcp.ok and tcp.who == "g1" and udp.ok and udp.who == "g1u"
+
+
+def _status(host):
+    p = host.cli("status", "--json")
+    return p.returncode, json.loads(p.stdout)
+
+
+def _ours_anywhere(host):
+    return [ln for text in host.dump().values() for ln in text.splitlines() if "vnethook:forward" in ln]
+
+
+@pytest.fixture
+def served(host):
+    host.topo.server("g1", "g1", "80")
+    host.topo.server("g1", "g1u", "53", proto="udp")
+    return host
+
+
+def test_docker_drop_policy_and_restart(served):
+    host = served
+    _ipt(host, "-P", "FORWARD", "DROP")
+    baseline = host.foreign()
+    host.write_map(MAP)
+    p = host.started("g0", [MAC])
+    assert p.returncode == 0, p.stderr
+    assert _works(host)
+    rc, st = _status(host)
+    assert rc == 0 and not st["problems"], st["problems"]
+    # In DOCKER-USER, first, on both families.
+    for view in (v for k, v in host.dump().items() if k.endswith("save") and "DOCKER-USER" in v):
+        lines = [ln for ln in view.splitlines() if ln.startswith("-A DOCKER-USER")]
+        if any("vnethook:forward" in ln for ln in lines):
+            assert "vnethook:forward" in lines[0]
+    # NAT isolation: the guest's own address and an unmapped port stay closed.
+    assert not host.topo.connect("ext", A["g1_4"], 80).ok
+    assert not host.topo.connect("ext", A["host_ext4"], 8001).ok
+    # dockerd restart: Docker deletes and re-inserts its jumps at the top of FORWARD.
+    for chain in ("DOCKER-ISOLATION-STAGE-1", "DOCKER-USER"):
+        _ipt(host, "-D", "FORWARD", "-j", chain, v6=chain == "DOCKER-USER")
+        _ipt(host, "-I", "FORWARD", "1", "-j", chain, v6=chain == "DOCKER-USER")
+    baseline = host.foreign()  # Docker's own rules moved; nothing else may change
+    assert _works(host)
+    rc, st = _status(host)
+    assert rc == 0 and not st["problems"], st["problems"]  # no false alarm
+    assert host.stopped("g0", [MAC]).returncode == 0
+    assert _ours_anywhere(host) == []
+    assert host.foreign() == baseline
+
+
+def test_ufw_like_forward_policy_and_reload(served):
+    host = served
+    # No Docker: take its jump to DOCKER-USER away; ufw's chains and policy instead.
+    _ipt(host, "-D", "FORWARD", "-j", "DOCKER-USER")
+    for c in ("ufw-before-forward", "ufw-user-forward", "ufw-after-forward"):
+        _ipt(host, "-N", c)
+        _ipt(host, "-A", "FORWARD", "-j", c)
+    _ipt(host, "-A", "ufw-before-forward", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+    _ipt(host, "-A", "ufw-before-forward", "-j", "ufw-user-forward")
+    _ipt(host, "-P", "FORWARD", "DROP")
+    baseline = host.foreign()
+    host.write_map(MAP)
+    assert host.started("g0", [MAC]).returncode == 0
+    assert _works(host)
+    rc, st = _status(host)
+    assert rc == 0 and not st["problems"], st["problems"]
+    # `ufw reload` rebuilds only ufw's own chains; `ufw disable && enable`
+    # takes its jumps away and puts them back (MANAGE_BUILTINS=no).
+    for c in ("ufw-before-forward", "ufw-user-forward", "ufw-after-forward"):
+        _ipt(host, "-F", c)
+    _ipt(host, "-A", "ufw-before-forward", "-j", "ufw-user-forward")
+    assert _works(host)
+    for c in ("ufw-before-forward", "ufw-user-forward", "ufw-after-forward"):
+        _ipt(host, "-D", "FORWARD", "-j", c)
+    for c in ("ufw-after-forward", "ufw-user-forward", "ufw-before-forward"):
+        _ipt(host, "-I", "FORWARD", "1", "-j", c)
+    baseline = host.foreign()
+    assert _works(host)
+    assert _status(host)[0] == 0
+    assert host.stopped("g0", [MAC]).returncode == 0
+    assert _ours_anywhere(host) == []
+    assert host.foreign() == baseline
+
+
+def test_status_names_a_drop_it_cannot_fix(served):
+    """An admin's unconditional DROP at the head of FORWARD: traffic fails, and
+    status says so by name instead of `ok`."""
+    host = served
+    host.write_map(MAP)
+    assert host.started("g0", [MAC]).returncode == 0
+    assert _works(host)
+    flavour = "legacy" if host.backend == "iptables-legacy" else "nft"
+    host.topo.exec("host", f"iptables-{flavour}", "-I", "FORWARD", "1", "-d", "192.0.2.0/24", "-j", "DROP")
+    assert not host.topo.connect("ext", A["host_ext4"], 8000).ok
+    rc, st = _status(host)
+    assert rc == 1 and any("-d 192.0.2.0/24 -j DROP" in p for p in st["problems"]), st["problems"]
+    text = host.cli("status").stdout.decode()
+    assert "BLOCKED" in text and " ok " not in text, text
+    host.topo.exec("host", f"iptables-{flavour}", "-D", "FORWARD", "-d", "192.0.2.0/24", "-j", "DROP")
+    assert _works(host) and _status(host)[0] == 0
