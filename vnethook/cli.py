@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--config", metavar="PATH")
 
+    sp = cmd("doctor", _doctor, "walk a forward's path check by check, with the fix for each failure (exit 0/1)")
+    sp.add_argument("domain", nargs="?")
+    sp.add_argument("port", nargs="?", type=int)
+    sp.add_argument("--config", metavar="PATH")
+
     sp = cmd("sync", _sync, "make installed forwards match the map for every running guest")
     sp.add_argument("--config", metavar="PATH")
     sp.add_argument("--no-verify", action="store_true", help="trust vnethook's records instead of listing the firewall")
@@ -226,6 +231,13 @@ def _status_text(st) -> str:
         for d in g["drift"]:
             lines.append(f"  drift: {d}")
     return "\n".join(lines)
+
+
+def _doctor(args) -> int:
+    from vnethook.doctor import main
+    from vnethook.paths import get_paths
+
+    return main(get_paths(), args.domain, args.port)
 
 
 def _sync(args) -> int:

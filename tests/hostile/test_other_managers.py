@@ -77,6 +77,8 @@ def test_docker_drop_policy_and_restart(served):
     assert _works(host)
     rc, st = _status(host)
     assert rc == 0 and not st["problems"], st["problems"]  # no false alarm
+    doc = host.cli("doctor")
+    assert doc.returncode == 0, doc.stdout.decode()
     assert host.stopped("g0", [MAC]).returncode == 0
     assert _ours_anywhere(host) == []
     assert host.foreign() == baseline
@@ -128,7 +130,13 @@ def test_status_names_a_drop_it_cannot_fix(served):
     assert not host.topo.connect("ext", A["host_ext4"], 8000).ok
     rc, st = _status(host)
     assert rc == 1 and any("-d 192.0.2.0/24 -j DROP" in p for p in st["problems"]), st["problems"]
+    doc = host.cli("doctor", "g0", "8000")
+    out = doc.stdout.decode()
+    assert doc.returncode == 1 and "FAIL" in out and "-d 192.0.2.0/24 -j DROP" in out and "fix:" in out, out
     text = host.cli("status").stdout.decode()
     assert "BLOCKED" in text and " ok " not in text, text
     host.topo.exec("host", f"iptables-{flavour}", "-D", "FORWARD", "-d", "192.0.2.0/24", "-j", "DROP")
     assert _works(host) and _status(host)[0] == 0
+    doc = host.cli("doctor", "g0", "8000")
+    assert doc.returncode == 0 and b"FAIL" not in doc.stdout, doc.stdout.decode()
+    assert b"g0: *:8000 -> 192.0.2.10:80/tcp installed" in doc.stdout

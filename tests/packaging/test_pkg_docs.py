@@ -96,7 +96,7 @@ BASH_COMPLETION = "/usr/share/bash-completion/bash_completion"
 
 @pytest.mark.skipif(not os.path.exists(BASH_COMPLETION), reason="bash-completion is not installed")
 @pytest.mark.parametrize("line,expect", [
-    ("vnethook ", {"check", "plan", "status", "sync", "flush", "install", "uninstall", "watch", "hook"}),
+    ("vnethook ", {"check", "plan", "status", "doctor", "sync", "flush", "install", "uninstall", "watch", "hook"}),
     ("vnethook sy", {"sync"}),
     ("vnethook sync --", {"--config", "--no-verify", "--help"}),
     ("vnethook install --mode ", {"auto", "dir", "main"}),
