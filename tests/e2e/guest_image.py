@@ -46,6 +46,9 @@ from typing import Dict, List, Optional, Tuple
 
 CACHE_DIR = "/var/tmp/vnethook-e2e-guest"
 KERNEL_META = "linux-image-amd64"
+# Another kernel image package instead of the one KERNEL_META depends on
+# (e.g. linux-image-6.12.95+bpo-amd64, to try a kernel with .ko.xz modules).
+KERNEL_OVERRIDE = os.environ.get("VNETHOOK_E2E_GUEST_KERNEL")
 # kernel config option -> the module that provides it when it is =m
 WANTED_MODULES = {
     "CONFIG_VIRTIO_PCI": "virtio_pci",
@@ -163,16 +166,46 @@ def _candidates(pkgs: List[str]) -> Dict[str, Tuple[str, str]]:
 
 
 def resolve_packages() -> Dict[str, str]:
-    """package name -> candidate version, for everything the image uses."""
+    """package name -> candidate version, for everything the image uses.
+    Empty or stale package lists (apt knows none of them) get one apt-get
+    update first."""
     others = ["busybox-static", "netcat-traditional", "libc6"]
-    found = _candidates([KERNEL_META] + others)
-    depends = found[KERNEL_META][1]
-    m = re.match(r"\s*(linux-image-[^\s,(|]+)", depends)
-    if not m:
-        raise GuestUnavailable(f"{KERNEL_META} depends on no kernel image: {depends!r}")
-    pkgs = {m.group(1): _candidates([m.group(1)])[m.group(1)][0]}
+    try:
+        found = _candidates([KERNEL_META] + others)
+    except GuestUnavailable:
+        _apt(["apt-get", "update", "-q"])
+        found = _candidates([KERNEL_META] + others)
+    if KERNEL_OVERRIDE:
+        kpkg = KERNEL_OVERRIDE
+    else:
+        depends = found[KERNEL_META][1]
+        m = re.match(r"\s*(linux-image-[^\s,(|]+)", depends)
+        if not m:
+            raise GuestUnavailable(f"{KERNEL_META} depends on no kernel image: {depends!r}")
+        kpkg = m.group(1)
+    pkgs = {kpkg: _candidates([kpkg])[kpkg][0]}
     pkgs.update({p: found[p][0] for p in others})
     return pkgs
+
+
+def _one_file(deb: str, basename: str) -> bytes:
+    """The contents of the file called `basename` in a bin or lib dir of
+    the package (bookworm: /bin, /lib/...; merged-/usr releases: /usr/...),
+    following symlinks inside the package."""
+    dirs = ("bin/", "usr/bin/", "lib/x86_64-linux-gnu/", "usr/lib/x86_64-linux-gnu/")
+    members = _members(deb, lambda p: p.startswith(dirs) and p.count("/") <= 3)
+    for d in dirs:
+        path = d + basename
+        for _ in range(8):
+            data = members.get(path)
+            if data is None or not data.startswith(b"->"):
+                break
+            target = data[2:].decode()
+            path = os.path.normpath(target.lstrip("/") if target.startswith("/")
+                                    else os.path.join(os.path.dirname(path), target))
+        if data is not None and not data.startswith(b"->"):
+            return data
+    raise RuntimeError(f"{os.path.basename(deb)} has no file {basename} in {dirs}")
 
 
 def _download(pkgs: Dict[str, str], into: str) -> Dict[str, str]:
@@ -354,21 +387,15 @@ def build(pkgs: Dict[str, str], dest: str) -> None:
         debs = _download(pkgs, work)
         kpkg = next(p for p in pkgs if p.startswith("linux-image-"))
         kmem = _members(debs[kpkg], lambda p: p.startswith(("boot/vmlinuz-", "boot/config-"))
-                        or (p.startswith("lib/modules/") and re.search(r"\.ko(\.\w+)?$", p) is not None))
+                        or (p.startswith(("lib/modules/", "usr/lib/modules/")) and re.search(r"\.ko(\.\w+)?$", p) is not None))
         vmlinuz = [p for p in kmem if p.startswith("boot/vmlinuz-")]
         config = [p for p in kmem if p.startswith("boot/config-")]
         if len(vmlinuz) != 1 or len(config) != 1:
             raise RuntimeError(f"{kpkg}: expected one vmlinuz and one config, got {vmlinuz} {config}")
         modules = kernel_modules(kmem, kmem[config[0]].decode())
-        bb = _members(debs["busybox-static"], lambda p: p == "bin/busybox")
-        nc = _members(debs["netcat-traditional"], lambda p: p == "bin/nc.traditional")
-        libc = _members(debs["libc6"], lambda p: p in (
-            "lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"))
-        if "bin/busybox" not in bb or "bin/nc.traditional" not in nc or len(libc) != 2:
-            raise RuntimeError("busybox-static, netcat-traditional or libc6 lacks an expected file")
-        for k, v in libc.items():
-            if v.startswith(b"->"):
-                raise RuntimeError(f"libc6: {k} is a symlink ({v!r}); the recipe expects a file")
+        bb = _one_file(debs["busybox-static"], "busybox")
+        nc = _one_file(debs["netcat-traditional"], "nc.traditional")
+        libc = {n: _one_file(debs["libc6"], n) for n in ("libc.so.6", "ld-linux-x86-64.so.2")}
 
         c = Cpio()
         for d in ("bin", "dev", "proc", "sys", "etc", "etc/acpi", "etc/acpi/PWRF", "lib",
@@ -376,11 +403,11 @@ def build(pkgs: Dict[str, str], dest: str) -> None:
             c.dir(d)
         c.chardev("dev/console", 5, 1)
         c.chardev("dev/null", 1, 3)
-        c.file("bin/busybox", bb["bin/busybox"])
+        c.file("bin/busybox", bb)
         c.symlink("bin/sh", "busybox")
-        c.file("bin/nc.traditional", nc["bin/nc.traditional"])
-        for k, v in sorted(libc.items()):
-            c.file(k, v)
+        c.file("bin/nc.traditional", nc)
+        for n, data in sorted(libc.items()):
+            c.file(f"lib/x86_64-linux-gnu/{n}", data)
         c.symlink("lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
         for i, (name, ko) in enumerate(modules):
             c.file(f"modules/{i:02d}-{name}.ko", ko, 0o644)

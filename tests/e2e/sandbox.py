@@ -18,6 +18,9 @@ firmware, with its NIC's option ROM off so it never sends a packet. The
 guest's *network side* is a named netns holding a veth that carries the
 domain's MAC, enslaved to libvirt's bridge, so DHCP, leases and forwarded
 connections are real while boots take a second instead of a minute.
+The exception is define_linux_guest: a real Debian kernel + busybox
+initramfs (guest_image.py) that boots and takes its own lease
+(test_real_guest.py).
 
 Files inside the sandbox are reachable from the test process through
 `/proc/<holder>/root/...` (see `Sandbox.path`), which is also a valid
