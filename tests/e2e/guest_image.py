@@ -433,6 +433,17 @@ def build(pkgs: Dict[str, str], dest: str) -> None:
                 raise
 
 
+def _check_private(path: str) -> None:
+    """/var/tmp is world-writable: boot nothing from a cache dir that
+    someone other than root could have made or can write."""
+    import stat
+
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} must be a directory owned by root and writable only by "
+                           f"it (uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); remove it")
+
+
 def ensure() -> GuestImage:
     """The cached image for the current candidate packages, built if needed.
     Raises GuestUnavailable when the packages cannot be had."""
@@ -440,6 +451,7 @@ def ensure() -> GuestImage:
 
     t0 = time.monotonic()
     os.makedirs(CACHE_DIR, mode=0o755, exist_ok=True)
+    _check_private(CACHE_DIR)
     pkgs = resolve_packages()
     key = cache_key(pkgs)
     dest = os.path.join(CACHE_DIR, key)
