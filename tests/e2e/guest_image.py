@@ -218,8 +218,9 @@ def _download(pkgs: Dict[str, str], into: str) -> Dict[str, str]:
         _apt(["apt-get", "update", "-q"])
         cp = _apt(argv, cwd=into)
     if cp.returncode != 0:
+        errors = [l for l in (cp.stderr + cp.stdout).splitlines() if l.startswith("E:")]
         raise GuestUnavailable("apt-get download " + " ".join(pkgs) + " failed: "
-                               + (cp.stderr.strip() or cp.stdout.strip())[-500:])
+                               + (errors[0] if errors else (cp.stderr.strip() or cp.stdout.strip())[-300:]))
     debs = {}
     for f in os.listdir(into):
         if f.endswith(".deb"):
