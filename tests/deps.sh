@@ -19,6 +19,12 @@ if [ "${1:-}" != "--runtime" ]; then
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
            lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db)
 fi
+# The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
+# busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches
+# linux-image-amd64's kernel image, busybox-static, netcat-traditional and
+# libc6 with `apt-get download` at test time (busybox-static conflicts with
+# the busybox the sandbox uses, and the host's /boot stays as it is) and
+# caches the result in /var/tmp/vnethook-e2e-guest. Only apt and dpkg-deb.
 LIBVIRT=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-driver-network)
 
 missing=()

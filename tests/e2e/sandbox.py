@@ -18,6 +18,9 @@ firmware, with its NIC's option ROM off so it never sends a packet. The
 guest's *network side* is a named netns holding a veth that carries the
 domain's MAC, enslaved to libvirt's bridge, so DHCP, leases and forwarded
 connections are real while boots take a second instead of a minute.
+The exception is define_linux_guest: a real Debian kernel + busybox
+initramfs (guest_image.py) that boots and takes its own lease
+(test_real_guest.py).
 
 Files inside the sandbox are reachable from the test process through
 `/proc/<holder>/root/...` (see `Sandbox.path`), which is also a valid
@@ -735,6 +738,43 @@ class Sandbox:
         xml = ET.tostring(root, encoding="unicode")
         self.virsh_define("define", xml)
         return xml
+
+    def define_linux_guest(self, name: str, mac: str, kernel: str, initrd: str, cmdline: str,
+                           network: str = "vnhnet", memory_mib: int = 256,
+                           accel: str = "qemu") -> str:
+        """A domain that boots a real Linux kernel + initramfs directly
+        (<kernel>/<initrd>/<cmdline>, no disk): see guest_image.py. Its
+        serial console goes to console_log(name). accel: "qemu" (TCG) or
+        "kvm" (libvirt's domain type)."""
+        root = ET.Element("domain", type=accel)
+        ET.SubElement(root, "name").text = name
+        ET.SubElement(root, "memory", unit="MiB").text = str(memory_mib)
+        ET.SubElement(root, "vcpu").text = "1"
+        os_el = ET.SubElement(root, "os")
+        ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+        ET.SubElement(os_el, "kernel").text = kernel
+        ET.SubElement(os_el, "initrd").text = initrd
+        ET.SubElement(os_el, "cmdline").text = cmdline
+        features = ET.SubElement(root, "features")  # ACPI: the power button of virsh shutdown
+        ET.SubElement(features, "acpi")
+        devices = ET.SubElement(root, "devices")
+        devices.append(interface_xml(mac, network))
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=f"/var/log/libvirt/qemu/{name}.console")
+        ET.SubElement(serial, "target", port="0")
+        ET.SubElement(devices, "memballoon", model="none")
+        xml = ET.tostring(root, encoding="unicode")
+        self.virsh_define("define", xml)
+        return xml
+
+    def console_log(self, name: str) -> str:
+        """What a define_linux_guest domain wrote to its serial console."""
+        try:
+            with open(os.path.join(self.logdir, "qemu", f"{name}.console"), encoding="utf-8",
+                      errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def start(self, name: str) -> float:
         t0 = time.monotonic()
