@@ -98,10 +98,14 @@ def _load(paths):
     from vnethook.config import ConfigError, load_config
 
     try:
-        return load_config(paths)
+        config = load_config(paths)
     except ConfigError as e:
         sys.stderr.write(f"{e}\nvnethook: the port map is invalid; nothing was changed\n")
         return None
+    from vnethook import blocklist
+
+    blocklist.write(paths, config)
+    return config
 
 
 def _plan(args) -> int:
