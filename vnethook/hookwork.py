@@ -131,7 +131,7 @@ def _network(net_name: str, op: str, data: bytes) -> int:
         # libvirt just (re)built its own rules and calls no other hook:
         # re-detect its backend, put our base back, re-apply this network's guests.
         engine.selected_backend(redetect=True)
-        engine.backend().ensure_base()
+        engine.ensure_base()
         engine.sync(verify=False, only_network=net_name)
         return 0
     if op == "updated":
