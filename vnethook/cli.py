@@ -250,6 +250,8 @@ def _sync(args) -> int:
     for name, why in report.waiting.items():
         for w in why:
             print(f"waiting: {w}")
+    for p in report.problems:
+        sys.stderr.write(f"vnethook: sync: not forwarded: {p}\n")
     for e in report.errors:
         sys.stderr.write(f"vnethook: sync: {e}\n")
     print(f"sync: {len(report.applied)} updated, {len(report.removed)} removed, {report.unchanged} unchanged")

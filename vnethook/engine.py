@@ -25,6 +25,7 @@ class SyncReport:
         self.removed = []  # domains/keys whose rules were removed
         self.unchanged = 0
         self.waiting = {}  # domain -> reasons
+        self.problems = []  # what the plans cannot honour (e.g. an address another MAC leases)
         self.errors = []
 
 
@@ -359,6 +360,7 @@ class Engine:
                     continue
                 if plan.waiting:
                     report.waiting[dom.name] = list(plan.waiting)
+                report.problems.extend(plan.errors)
                 want = set(plan.forwards)
                 have = set(state.forwards_of(rec))
                 drift = False

@@ -181,3 +181,31 @@ def test_failed_removal_is_retried_by_the_next_event_and_by_sync(sb, tmp_path):
     assert not _reach(ext, 8081, timeout=1).ok
     assert vh.our_rules() == [] and vh.records() == []
     assert not list((vh.state / "removals").glob("*.json"))
+
+
+def test_a_dnat_never_stays_on_an_address_leased_to_another_mac(sb, tmp_path):
+    """A fixed address that dnsmasq hands to another MAC: until the next sync
+    the DNAT reaches that other machine; plan reports it, sync removes it."""
+    vh = VnethookEnv(sb, tmp_path)
+    vh.install()
+    sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
+    vh.write_map("guests:\n  fixed1:\n    address: 192.0.2.150\n    forward: [8080:80]\n")
+    sb.define_domain("fixed1", macs=[mac_for(48)])
+    sb.start("fixed1")  # its OS never configures the address
+    ext = sb.add_external()
+    other = sb.add_guest_netns("intruder", mac_for(49))  # any machine on the bridge, no domain
+    script = os.path.join(os.path.dirname(__file__), "tools", "udhcpc-script")
+    other.run(["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "8", "-T", "1", "-A", "1",
+               "-r", "192.0.2.150", "-s", script], env={"VNH_LEASE_FILE": str(tmp_path / "intruder.lease")})
+    sb.wait_for(lambda: any(e["ip-address"] == "192.0.2.150" and e["mac-address"] == mac_for(49)
+                            for e in sb.leases()), timeout=10, what="the other MAC's lease on 192.0.2.150")
+    other.serve_tcp(80, "intruder")
+    assert _reach(ext).data == "intruder"  # what the stale DNAT does
+
+    cp = vh.run(vh.cli_argv("plan", "fixed1"), check=False)
+    assert cp.returncode == 1 and f"192.0.2.150 is leased by dnsmasq to {mac_for(49)}" in cp.stdout, cp
+    assert "installed:" in cp.stdout
+    cp = vh.run(vh.cli_argv("sync"))  # what vnethook-sync.timer runs
+    assert "not forwarded" in cp.stderr
+    assert not _reach(ext, timeout=1).ok
+    assert not any("192.0.2.150" in r for r in vh.our_rules())
