@@ -137,6 +137,7 @@ def mark_removal(paths, key: str, domain: str, macs: "list | None" = None) -> No
             macs = None  # a whole-guest removal covers any NIC's
         else:
             macs = sorted(set(old["macs"]) | set(macs))
+    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)  # makedirs gives only the leaf `mode`
     os.makedirs(os.path.dirname(_removal_path(paths, key)), mode=0o700, exist_ok=True)
     rec = {"domain": domain, "macs": None if macs is None else sorted(set(macs)), "time": time.time()}
     atomic_write(_removal_path(paths, key), json.dumps(rec, sort_keys=True).encode())
