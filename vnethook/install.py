@@ -6,8 +6,11 @@ only runs the single main `qemu`/`network` file: there we refuse to replace
 someone else's hook unless --force, and then keep it as a backup that
 uninstall puts back.
 
-The generated hook runs the interpreter vnethook was installed with, so a
-venv or a distro Python both work under libvirt's reduced environment.
+The generated hook runs the interpreter vnethook was installed with (by
+the path most likely to outlive the install, see interpreter()) with its
+package directories on sys.path, so a venv or a distro Python both work
+under libvirt's reduced environment, and a hook whose venv is gone still
+runs its guard.
 """
 
 from __future__ import annotations
@@ -112,13 +115,32 @@ def script_tail(kind: str) -> str:
     return f"except BaseException as _e:\n    exec(_VNETHOOK_GUARD)\n    _vnethook_failed({kind!r}, _e)\n"
 
 
+def interpreter() -> str:
+    """The interpreter the hooks run: this one, by the path most likely to
+    outlive the install. A venv's bin/python goes with the venv (libvirt
+    could not even start the hook, and a failed `reconnect` kills the
+    guest), a versioned /usr/bin/python3.11 with the next Python upgrade; so
+    the base interpreter, by its unversioned name when that is the same
+    file. The venv's packages come in through sys.path (hook_text)."""
+    base = os.path.realpath(sys.executable)
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.realpath(cand) == base:
+            return cand
+    return base if os.access(base, os.X_OK) else sys.executable
+
+
 def hook_text(kind: str) -> str:
-    """The hook script: this interpreter, with `-S` when we can say where
-    its packages are (site.py costs 2-3 ms on every libvirt event), and the
-    guard around everything it runs."""
+    """The hook script: this interpreter (interpreter()), with `-S` when we
+    can say where its packages are (site.py costs 2-3 ms on every libvirt
+    event), and the guard around everything it runs."""
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     site_dirs = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-    lines = [f"#!{sys.executable}{' -S' if site_dirs else ''}", MARKER, "import os", "import sys", "", PRELUDE + script_guard(), "try:"]
+    if not site_dirs and os.path.realpath(sys.executable) != sys.executable:
+        # without -S, site.py would not find a venv's packages from the base interpreter
+        exe = sys.executable
+    else:
+        exe = interpreter()
+    lines = [f"#!{exe}{' -S' if site_dirs else ''}", MARKER, "import os", "import sys", "", PRELUDE + script_guard(), "try:"]
     if site_dirs:
         lines.append(f"    sys.path += {site_dirs!r}  # what site.py would add")
     if not _on_default_path(pkg_parent):

@@ -139,6 +139,39 @@ def test_generated_hook_with_its_package_gone(tmp_path):
     _assert_quiet_ok(_run(script, ["web1", "release", "end", "destroyed"], state))
 
 
+def test_hook_of_a_removed_venv_still_runs_its_guard(tmp_path):
+    """`vnethook install` from a venv: the hook must not name the venv's
+    bin/python, or removing the venv would leave libvirt a hook it cannot
+    even execute (and a failed `reconnect` kills the guest)."""
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                   check=True, env=ENV)
+    vpy = venv / "bin" / "python"
+    site = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, env=ENV).stdout.strip()
+    shutil.copytree(os.path.join(REPO, "vnethook"), os.path.join(site, "vnethook"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    text = subprocess.run([str(vpy), "-c", "import sys; from vnethook.install import hook_text; "
+                                           "sys.stdout.write(hook_text('qemu'))"],
+                          capture_output=True, text=True, check=True, env=ENV, cwd="/").stdout
+    first = text.splitlines()[0]
+    assert str(venv) not in first and first.startswith("#!/usr/bin/python3"), first
+    assert repr(site) in text  # the venv's packages, through sys.path
+    script = tmp_path / "qemu-hook"
+    script.write_text(text)
+    os.chmod(script, 0o755)
+    (tmp_path / "etc").mkdir(mode=0o755)
+    os.chmod(tmp_path / "etc", 0o755)
+    state = tmp_path / "state"
+    cfg = {"VNETHOOK_CONFIG": str(tmp_path / "etc")}
+    cp = _run(script, ["web1", "prepare", "begin", "-"], state, extra_env=cfg)
+    assert cp.returncode == 0 and cp.stdout == b"" and cp.stderr == b"", cp  # it runs from the venv
+    shutil.rmtree(venv)
+    _assert_quiet_ok(_run(script, ["web1", "reconnect", "begin", "-"], state, extra_env=cfg))
+    _block(state, "web1")
+    _assert_quiet_ok(_run(script, ["web1", "start", "begin", "-"], state, extra_env=cfg), rc=1)
+
+
 def test_package_that_raises_at_import(tmp_path, scripts):
     bad = tmp_path / "bad" / "vnethook"
     bad.mkdir(parents=True)
