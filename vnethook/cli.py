@@ -103,10 +103,14 @@ def _load(paths):
     from vnethook.config import ConfigError, load_config
 
     try:
-        return load_config(paths)
+        config = load_config(paths)
     except ConfigError as e:
         sys.stderr.write(f"{e}\nvnethook: the port map is invalid; nothing was changed\n")
         return None
+    from vnethook import blocklist
+
+    blocklist.write(paths, config)
+    return config
 
 
 def _plan(args) -> int:
@@ -144,20 +148,42 @@ def _plan(args) -> int:
     if domain.name != args.domain:
         sys.stderr.write(f"vnethook: the XML describes '{domain.name}', not '{args.domain}'\n")
         return 1
-    plan = Engine(paths, config).plan_domain(domain)
+    engine = Engine(paths, config)
+    plan = engine.plan_domain(domain)
+    installed = _installed_problems(paths, engine, domain.name)
     if plan is None:
+        for p in installed:
+            sys.stderr.write(f"vnethook: {p}\n")
         if args.json:
             print(json.dumps({"domain": domain.name, "configured": False, "forwards": []}, indent=2))
         else:
             print(f"{domain.name}: not in the port map; vnethook leaves it alone")
-        return 0
+        return 1 if installed else 0
     if args.json:
         d = plan.to_dict()
         d["configured"] = True
+        d["installed_problems"] = installed
         print(json.dumps(d, indent=2))
         return 0
     print(_plan_table(plan))
-    return 1 if plan.errors else 0
+    for p in installed:
+        print(f"  installed: {p}")
+    return 1 if plan.errors or installed else 0
+
+
+def _installed_problems(paths, engine, name: str) -> list:
+    """What is wrong with the forwards installed now: a removal still
+    pending, or a DNAT to an address dnsmasq has leased to another MAC."""
+    from vnethook import state
+    from vnethook.keys import guest_key
+
+    key = guest_key(name)
+    out = []
+    if state.removal(paths, key) is not None:
+        out.append(f"{name}: a removal of its forwards failed and is pending (run `vnethook sync`)")
+    for c in engine.lease_conflicts(state.forwards_of(state.read(paths, key))):
+        out.append(c + " (run `vnethook sync`)")
+    return out
 
 
 def _plan_table(plan) -> str:
@@ -256,6 +282,8 @@ def _sync(args) -> int:
     for name, why in report.waiting.items():
         for w in why:
             print(f"waiting: {w}")
+    for p in report.problems:
+        sys.stderr.write(f"vnethook: sync: not forwarded: {p}\n")
     for e in report.errors:
         sys.stderr.write(f"vnethook: sync: {e}\n")
     print(f"sync: {len(report.applied)} updated, {len(report.removed)} removed, {report.unchanged} unchanged")

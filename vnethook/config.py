@@ -311,6 +311,9 @@ def load_config_cached(paths) -> Config:
     before = _snapshot(paths.config)
     now = time.time_ns()
     cfg, contents = _load(paths)
+    from vnethook import blocklist
+
+    blocklist.write(paths, cfg)  # for the hook scripts' guard, when vnethook cannot run
     if before is not None and _snapshot(paths.config) == before:
         racy = tuple(
             (f[0], contents[f[0]])

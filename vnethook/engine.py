@@ -29,6 +29,7 @@ class SyncReport:
         self.removed = []  # domains/keys whose rules were removed
         self.unchanged = 0
         self.waiting = {}  # domain -> reasons
+        self.problems = []  # what the plans cannot honour (e.g. an address another MAC leases)
         self.errors = []
 
 
@@ -115,33 +116,89 @@ class Engine:
             for w in plan.waiting:
                 log.info(f"waiting: {w}", DOMAIN=domain.name)
             self._converge(key, domain.name, list(plan.forwards), list(plan.waiting), event)
+            self._retry_removals(skip=key)
         return plan
 
     def remove_guest(self, domain_name: str, reason: str = "", key: str | None = None) -> bool:
-        """Remove a guest's forwards, working only from the record."""
+        """Remove a guest's forwards, working only from the record.
+
+        The removal is marked pending first (state.mark_removal): if it
+        cannot happen now (lock timeout, firewall error), the next event,
+        sync or the lease watcher retries it.
+        """
         key = key or guest_key(domain_name)
+        state.mark_removal(self.paths, key, domain_name)
         with Lock(self.paths.lock_file):
-            return self._remove_locked(key, reason)
+            done = self._remove_locked(key, reason)
+            self._retry_removals(skip=key)
+            return done
 
     def remove_macs(self, domain_name: str, macs: list, reason: str = "") -> None:
         """Drop the forwards that point at NICs that went away (unplug)."""
         key = guest_key(domain_name)
+        macs = [m.lower() for m in macs]
+        state.mark_removal(self.paths, key, domain_name, macs)
         with Lock(self.paths.lock_file):
-            rec = self._read_record(key)
-            if rec is None:
-                return
-            keep = [f for f in state.forwards_of(rec) if f.mac not in set(m.lower() for m in macs)]
-            self._converge(key, domain_name, keep, list(rec.get("waiting") or ()), reason)
+            self._remove_macs_locked(key, domain_name, macs, reason)
+            self._retry_removals(skip=key)
+
+    def _remove_macs_locked(self, key: str, domain_name: str, macs: list, reason: str) -> None:
+        rec = self._read_record(key)
+        if rec is None:
+            if state.exists(self.paths, key):  # corrupt: all of it goes, found by tag
+                self._remove_locked(key, reason)
+            state.clear_removal(self.paths, key)
+            return
+        keep = [f for f in state.forwards_of(rec) if f.mac not in set(macs)]
+        self._converge(key, domain_name, keep, list(rec.get("waiting") or ()), reason)
+
+    def _retry_removals(self, skip: str | None = None) -> None:
+        """Retry the removals that failed earlier (under the lock).
+
+        A guest that runs again is left to its own events and sync (its
+        converge replaces the old rules), except for NICs still unplugged.
+        Costs one listdir when nothing is pending.
+        """
+        pending = state.removals(self.paths)
+        pending.pop(skip, None)
+        if not pending:
+            return
+        from vnethook import libvirt
+
+        for key, mark in sorted(pending.items()):
+            name = mark.get("domain") or key
+            try:
+                dom = libvirt.running_domain(self.paths, name)
+                if dom is None:
+                    self._remove_locked(key, "retrying a removal that had failed")
+                elif mark.get("macs") is not None:
+                    present = {i.mac for i in dom.interfaces}
+                    gone = [m for m in mark["macs"] if m not in present]
+                    if gone:
+                        self._remove_macs_locked(key, name, gone, "retrying a removal that had failed")
+                    else:
+                        state.clear_removal(self.paths, key)  # the NIC is back
+                else:
+                    continue
+                log.info(f"retried the pending removal of {name}'s forwards: done", DOMAIN=name)
+            except Exception as e:
+                log.warning(
+                    f"the pending removal of {name}'s forwards failed again ({type(e).__name__}: {e}); "
+                    f"the next event, `vnethook sync` or the lease watcher retries it",
+                    DOMAIN=name,
+                )
 
     def _remove_locked(self, key: str, reason: str) -> bool:
         self._recover_if_needed()
         rec = self._read_record(key)
         if rec is None:
             if not state.exists(self.paths, key):
+                state.clear_removal(self.paths, key)
                 return False
             # Corrupt record: let the current backend find the rules by tag.
             self.backend().remove(key, None)
             state.delete(self.paths, key)
+            state.clear_removal(self.paths, key)
             return True
         bname = rec.get("backend") or self.selected_backend()[0]
         backend = self.backend(bname)
@@ -151,6 +208,7 @@ class Engine:
         for f in removed:
             log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", bname))
         state.delete(self.paths, key)
+        state.clear_removal(self.paths, key)
         if any(f.is_loopback for f in removed) or self._localnet_in_use():
             self._update_localnet()
         if not state.any_record(self.paths):
@@ -285,6 +343,7 @@ class Engine:
                 state.delete(self.paths, key)
             if waiting:
                 state.write(self.paths, key, domain, name, [], [], waiting=waiting)
+            state.clear_removal(self.paths, key)
             return
         backend = self.backend(name)
         state.write(self.paths, key, domain, name, old_forwards, (rec or {}).get("rules") or [], pending=True, waiting=waiting)
@@ -299,6 +358,7 @@ class Engine:
         else:
             state.delete(self.paths, key)
         self._update_others(backend)
+        state.clear_removal(self.paths, key)  # the firewall holds exactly this plan now
         old, new = set(old_forwards), set(forwards)
         for f in sorted(new - old, key=lambda f: f.describe()):
             log.info(f"added {f.describe()} ({reason})", **log.forward_fields(f, "add", name))
@@ -356,17 +416,21 @@ class Engine:
             self.selected_backend(redetect=True)
         backend = self.backend()
         snap = None
-        if verify:
-            snap = backend.snapshot()
-            if not snap.base_ok:
-                for p in snap.problems:
-                    log.warning(f"firewall base: {p}", BACKEND=backend.name)
-                try:
-                    backend.ensure_base()
-                except Exception as e:
-                    report.errors.append(f"ensure base: {e}")
         with Lock(self.paths.lock_file):
             self._recover_if_needed()
+            if verify:
+                # Under the lock: a hook removing the last guest tears the
+                # base down; a repair racing it would leave an orphan base
+                # (or repair half of one).
+                snap = backend.snapshot()
+                if not snap.base_ok:
+                    for p in snap.problems:
+                        log.warning(f"firewall base: {p}", BACKEND=backend.name)
+                    try:
+                        backend.ensure_base()
+                    except Exception as e:
+                        report.errors.append(f"ensure base: {e}")
+            self._retry_removals()
             # Plan under the lock: a plan made before it could be older than
             # a change a concurrent hook commits meanwhile (lost update).
             running = self.running_configured()
@@ -379,12 +443,14 @@ class Engine:
                 except Exception as e:  # one bad guest must not stop the others
                     report.errors.append(f"{dom.name}: {e}")
             records = state.all_records(self.paths)
+            marks = state.removals(self.paths)
             for key, (dom, plan) in plans.items():
                 rec = records.get(key)
                 if plan is None:
                     continue
                 if plan.waiting:
                     report.waiting[dom.name] = list(plan.waiting)
+                report.problems.extend(plan.errors)
                 want = set(plan.forwards)
                 have = set(state.forwards_of(rec))
                 drift = False
@@ -401,6 +467,8 @@ class Engine:
                 if want == have and not drift and not pending and rec is not None and (rec.get("backend") == backend.name):
                     if list(rec.get("waiting") or ()) != list(plan.waiting):
                         state.write(self.paths, key, dom.name, backend.name, list(plan.forwards), rec.get("rules") or [], waiting=list(plan.waiting))
+                    if key in marks:
+                        state.clear_removal(self.paths, key)  # the firewall matches the plan
                     report.unchanged += 1
                     continue
                 if want == have == set() and rec is None and not drift:
@@ -428,7 +496,9 @@ class Engine:
                             self._remove_locked(key, "sync: guest not running or not in the map")
                         report.removed.append(name)
                     except Exception as e:
-                        report.errors.append(f"{name}: {e}")
+                        state.mark_removal(self.paths, key, name)
+                        conflicts = self.lease_conflicts(state.forwards_of(rec))
+                        report.errors.append(f"{name}: removal failed, retried later: {e}" + "".join(f"; {c}" for c in conflicts))
                 if verify and not report.errors and not state.all_records(self.paths):
                     self._drop_orphan_base(backend, report)
             if verify:
@@ -479,11 +549,50 @@ class Engine:
         """Remove the forwards of every guest whose forwards use `network`."""
         done = []
         with Lock(self.paths.lock_file):
+            self._retry_removals()
             for key, rec in state.all_records(self.paths).items():
                 if rec and any(f.network == network for f in state.forwards_of(rec)):
+                    name = rec.get("domain") or key
+                    state.mark_removal(self.paths, key, name)
                     self._remove_locked(key, f"network {network} stopped")
-                    done.append(rec.get("domain") or key)
+                    done.append(name)
         return done
+
+    def ensure_base(self) -> None:
+        """Put vnethook's base rules back (network started), under the lock."""
+        with Lock(self.paths.lock_file):
+            self.backend().ensure_base()
+
+    def lease_conflicts(self, forwards) -> list:
+        """Forwards whose address dnsmasq now leases to another MAC.
+
+        Such a DNAT would deliver the guest's ports to whichever guest holds
+        the address now. Returns one message per address.
+        """
+        from vnethook import libvirt
+
+        out = []
+        seen = set()
+        leases = {}
+        now = time.time()
+        for f in forwards:
+            if (f.bridge, f.guest_address) in seen or not f.bridge:
+                continue
+            seen.add((f.bridge, f.guest_address))
+            if f.bridge not in leases:
+                try:
+                    leases[f.bridge] = libvirt.read_leases(self.paths.lease_file(f.bridge), now=now)
+                except libvirt.LibvirtDataError:
+                    leases[f.bridge] = []
+            from vnethook.plan import leased_to_others
+
+            others = leased_to_others(leases[f.bridge], f.guest_address, f.mac, now)
+            if others:
+                out.append(
+                    f"{f.domain}: forwards to {f.guest_address} (NIC {f.mac}), but dnsmasq leases "
+                    f"{f.guest_address} to {', '.join(others)} now"
+                )
+        return out
 
     def flush(self) -> list:
         """Remove everything vnethook owns, from every backend it may have used."""
@@ -502,6 +611,8 @@ class Engine:
                 done.append(n)
             for key in list(state.all_records(self.paths)):
                 state.delete(self.paths, key)
+            for key in state.removals(self.paths):
+                state.clear_removal(self.paths, key)
             self._update_localnet()
             self._update_others()
         return done
@@ -518,16 +629,17 @@ class Engine:
         if snap is not None:
             out["problems"].extend(snap.problems)
         records = state.all_records(self.paths)
+        marks = state.removals(self.paths)
         running = {}
         try:
             running = self.running_configured()
         except Exception as e:
             out["problems"].append(f"cannot read running domains: {e}")
-        keys = sorted(set(records) | set(running) | (set(snap.guests) if snap else set()))
+        keys = sorted(set(records) | set(running) | set(marks) | (set(snap.guests) if snap else set()))
         for key in keys:
             rec = records.get(key)
             dom = running.get(key)
-            name = dom.name if dom else ((rec or {}).get("domain") or key)
+            name = dom.name if dom else ((rec or {}).get("domain") or (marks.get(key) or {}).get("domain") or key)
             plan = None
             if dom is not None:
                 try:
@@ -545,6 +657,9 @@ class Engine:
                 drift.append(f"{missing} recorded rule(s) missing, {extra} unrecorded rule(s) present in the firewall")
             if set(desired) != set(installed):
                 drift.append("installed forwards differ from the map (run `vnethook sync`)")
+            if key in marks:
+                drift.append("a removal of these forwards failed and is pending (retried by the next event, `vnethook sync` or the lease watcher)")
+            drift.extend(self.lease_conflicts(state.forwards_of(rec)))
             out["guests"].append(
                 {
                     "domain": name,

@@ -12,6 +12,14 @@ Exit status matters to libvirt (see ../shared/libvirt-facts.md):
 - qemu migrate/restore: stdout replaces the domain XML: print nothing.
 - network port-created: non-zero fails the guest start: only with block.
 Everything we print goes to stderr (libvirt logs it) or the journal.
+
+`on_error: block` is scoped to its guest (subject()): only that guest's own
+prepare/start/started and the port-created of its NIC may fail; network
+start/started/updated and every other guest never do, even with a broken
+map. Events that change something run in a child process
+(hookwork.isolated), so that not even a crash in C code (libnftables,
+libiptc, lxml, libyaml) turns into a failing exit. What the hook scripts do
+when this package cannot even be imported: GUARD in install.py.
 """
 
 from __future__ import annotations
@@ -44,13 +52,79 @@ def main(kind: str, argv=None, stdin=None) -> int:
     else:
         return 0
     try:
-        if kind == "qemu":
-            return _qemu(obj, op, data)
-        return _network(obj, op, data)
-    except BaseException as e:  # never a traceback into libvirt's face
-        if isinstance(e, SystemExit):
-            raise
-        return _failed(kind, obj, op, e)
+        if _nothing_to_do(kind, obj, op, data):
+            return 0
+    except Exception:
+        pass  # let the worker find out, and report it
+    from vnethook.hookwork import isolated
+
+    return isolated(kind, obj, op, data)
+
+
+def subject(kind: str, obj: str, op: str, data: bytes):
+    """The guest whose start this event is part of, if it may fail it.
+
+    Only these events can abort a start (libvirt-facts.md): qemu prepare,
+    start, started of that guest, and the network's port-created of that
+    guest's NIC. Everything else (network start/started/updated, reconnect,
+    removals) has no guest to block and never fails.
+    """
+    if kind == "qemu":
+        return obj if op in BLOCKING_OPS and op != "port-created" else None
+    if kind == "network" and op == "port-created":
+        return _port_owner(data)
+    return None
+
+
+def _port_owner(data: bytes):
+    """<networkport><owner><name> of a network hook's stdin, without a parser
+    (this must work when the XML readers are what failed, and cost nothing)."""
+    data = data or b""
+    i = data.find(b"<networkport")
+    i = data.find(b"<owner", i) if i >= 0 else -1
+    i = data.find(b"<name>", i) if i >= 0 else -1
+    j = data.find(b"</name>", i) if i >= 0 else -1
+    if j < 0:
+        return None
+    name = data[i + 6:j].strip().decode("utf-8", "surrogateescape")
+    if "&" in name:
+        import re
+
+        name = re.sub(r"&#x([0-9a-fA-F]+);", lambda m: chr(int(m.group(1), 16)), name)
+        name = re.sub(r"&#([0-9]+);", lambda m: chr(int(m.group(1))), name)
+        for ent, ch in (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&amp;", "&")):
+            name = name.replace(ent, ch)
+    return name or None
+
+
+def _nothing_to_do(kind: str, obj: str, op: str, data: bytes) -> bool:
+    """The events that need nothing (most of them), decided from a warm
+    cache and the records alone, in this process: no worker, no fork."""
+    paths = _paths()
+    if kind == "qemu" and op in QEMU_REMOVE:
+        return not _recorded(paths, obj) and os.path.isdir(paths.guests_dir)
+    if kind == "network" and op not in ("port-created", "port-deleted"):
+        return False
+    from vnethook.config import guest_names_fast
+
+    names = guest_names_fast(paths)
+    if names is None:
+        return False  # cache miss or broken map: the worker loads (and judges) it
+    if kind == "qemu":
+        if op in QEMU_CHECK:
+            return True  # a valid map: nothing to validate further
+        return obj not in names and not _recorded(paths, obj)
+    owner = _port_owner(data)
+    if owner is None:
+        return False
+    return owner not in names and not _recorded(paths, owner)
+
+
+def _recorded(paths, name: str) -> bool:
+    from vnethook import state
+    from vnethook.keys import guest_key
+
+    return state.exists(paths, guest_key(name))
 
 
 def _read_all(stdin) -> bytes:
@@ -70,180 +144,15 @@ def _paths():
     return get_paths()
 
 
-def _config_or_error(paths):
-    """(config, None) or (None, ConfigError)."""
-    from vnethook.config import ConfigError, load_config_cached
-
-    try:
-        return load_config_cached(paths), None
-    except ConfigError as e:
-        return None, e
-
-
-def _qemu(domain_name: str, op: str, data: bytes) -> int:
-    paths = _paths()
-    if op in QEMU_REMOVE:
-        # The record alone says what to remove: no config, no XML parsing.
-        from vnethook import state
-        from vnethook.keys import guest_key
-
-        key = guest_key(domain_name)
-        if not state.exists(paths, key) and os.path.isdir(paths.guests_dir):
-            return 0
-        from vnethook.engine import Engine
-
-        Engine(paths).remove_guest(domain_name, reason=f"qemu {op}", key=key)
-        return 0
-
-    config, err = _config_or_error(paths)
-    if err is not None:
-        return _config_broken(paths, domain_name, op, err)
-    configured = domain_name in config.guests
-    if op in QEMU_CHECK:
-        return 0
-    if not configured:
-        from vnethook import state
-        from vnethook.keys import guest_key
-
-        if not state.exists(paths, guest_key(domain_name)):
-            return 0
-    from vnethook import libvirt
-    from vnethook.engine import Engine
-
-    domain = libvirt.parse_domain(data, source=f"qemu {op} stdin")
-    engine = Engine(paths, config)
-    plan = engine.apply_domain(domain, event=f"qemu {op}")
-    if plan is not None:
-        _maybe_watch_leases(paths, config, plan)
-    return 0
-
-
-def _network(net_name: str, op: str, data: bytes) -> int:
-    paths = _paths()
-    from vnethook.engine import Engine
-
-    if op == "stopped":
-        Engine(paths).remove_network(net_name)
-        return 0
-    config, err = _config_or_error(paths)
-    if err is not None:
-        return _config_broken(paths, None, op, err)
-    from vnethook import libvirt
-
-    engine = Engine(paths, config)
-    if op == "started":
-        # libvirt just (re)built its own rules and calls no other hook:
-        # re-detect its backend, put our base back, re-apply this network's guests.
-        engine.selected_backend(redetect=True)
-        engine.backend().ensure_base()
-        engine.sync(verify=False, only_network=net_name)
-        return 0
-    if op == "updated":
-        engine.sync(verify=False, only_network=net_name)
-        return 0
-    port = libvirt.parse_port(data, source=f"network {op} stdin")
-    if port is None or not port.owner:
-        return 0
-    if op == "port-deleted":
-        if port.owner not in config.guests:
-            from vnethook import state
-            from vnethook.keys import guest_key
-
-            if not state.exists(paths, guest_key(port.owner)):
-                return 0
-        engine.remove_macs(port.owner, [port.mac], reason=f"network {op}")
-        dom = libvirt.running_domain(paths, port.owner)
-        if dom is not None and port.owner in config.guests:
-            dom = libvirt.Domain(
-                name=dom.name, uuid=dom.uuid, interfaces=tuple(i for i in dom.interfaces if i.mac != port.mac)
-            )
-            engine.apply_domain(dom, event=f"network {op}")
-        return 0
-    # port-created: hotplug, or the first step of a guest start
-    if port.owner not in config.guests:
-        return 0
-    hook_net = libvirt.parse_network(data, source=f"network {op} stdin")
-    dom = libvirt.running_domain(paths, port.owner)
-    iface = libvirt.Interface(
-        mac=port.mac, type="network", network=net_name, bridge=port.bridge, target=None, portid=None
-    )
-    if dom is None:
-        dom = libvirt.Domain(name=port.owner, uuid=port.owner_uuid, interfaces=(iface,))
-    elif not any(i.mac == port.mac for i in dom.interfaces):
-        dom = libvirt.Domain(name=dom.name, uuid=dom.uuid, interfaces=dom.interfaces + (iface,))
-    plan = engine.apply_domain(dom, hook_network=hook_net, event=f"network {op}")
-    if plan is not None:
-        _maybe_watch_leases(paths, config, plan)
-    return 0
-
-
-def _maybe_watch_leases(paths, config, plan) -> None:
-    """Arrange for late or changing leases to be picked up, without waiting."""
-    if not plan.waiting and not any(src == "lease" for _, _, src in plan.addresses):
-        return
-    from vnethook import watch
-
-    watch.ensure_watcher(paths, config.settings.lease_watch)
-
-
-def _config_broken(paths, domain_name, op, err) -> int:
-    from vnethook import log
-
-    msg = f"port map is invalid, nothing changed:\n{err}"
-    log.error(msg, DOMAIN=domain_name, ACTION=op)
-    if op in BLOCKING_OPS and _blocking(paths, domain_name):
-        sys.stderr.write(f"vnethook: refusing {op} of {domain_name} (on_error: block):\n{err}\n")
-        return 1
-    return 0
-
-
-def _blocking(paths, domain_name) -> bool:
-    """Does `on_error: block` apply to this guest, even with a broken map?"""
-    from vnethook.config import on_error_hint
-
-    try:
-        if on_error_hint(paths) != "block":
-            return False
-    except Exception:
-        return False
-    if domain_name is None:
-        return True
-    return _mentions(paths, domain_name)
-
-
-def _mentions(paths, domain_name: str) -> bool:
-    """Best effort with a map that does not parse: is the guest named in it?"""
-    from vnethook.config import config_files
-
-    needle = domain_name.encode("utf-8", "surrogateescape")
-    for f in config_files(paths):
+def _leave() -> None:
+    for f in (sys.stdout, sys.stderr):
         try:
-            with open(f, "rb") as fh:
-                if needle in fh.read(4 << 20):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def _failed(kind: str, obj: str, op: str, exc: BaseException) -> int:
-    from vnethook import log
-
-    log.error(f"{kind} {op} {obj}: {type(exc).__name__}: {exc}", DOMAIN=obj if kind == "qemu" else None, ACTION=op)
-    if kind == "qemu" and op == "reconnect":
-        return 0  # a non-zero exit here kills the running guest
-    if op in BLOCKING_OPS:
-        try:
-            paths = _paths()
-            config, err = _config_or_error(paths)
-            if config is not None and config.settings.on_error == "block" and (
-                kind == "network" or obj in config.guests
-            ):
-                sys.stderr.write(f"vnethook: refusing {op} of {obj} (on_error: block): {exc}\n")
-                return 1
-        except Exception:
+            f.flush()
+        except (OSError, ValueError):
             pass
-    return 0
+    import atexit
+
+    atexit._run_exitfuncs()
 
 
 def run_and_exit(kind: str) -> None:
@@ -254,14 +163,7 @@ def run_and_exit(kind: str) -> None:
     atexit handlers that matter (nftables.py's socket hand-off) still run.
     """
     rc = main(kind)
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass
-    import atexit
-
-    atexit._run_exitfuncs()
+    _leave()
     os._exit(rc if isinstance(rc, int) else 1)
 
 

@@ -6,8 +6,11 @@ only runs the single main `qemu`/`network` file: there we refuse to replace
 someone else's hook unless --force, and then keep it as a backup that
 uninstall puts back.
 
-The generated hook runs the interpreter vnethook was installed with, so a
-venv or a distro Python both work under libvirt's reduced environment.
+The generated hook runs the interpreter vnethook was installed with (by
+the path most likely to outlive the install, see interpreter()) with its
+package directories on sys.path, so a venv or a distro Python both work
+under libvirt's reduced environment, and a hook whose venv is gone still
+runs its guard.
 """
 
 from __future__ import annotations
@@ -25,17 +28,129 @@ BACKUP_SUFFIX = ".vnethook-backup"
 DAEMONS = (("libvirtd", "run/libvirtd.pid"), ("virtqemud", "run/virtqemud.pid"), ("virtnetworkd", "run/virtnetworkd.pid"))
 
 
+# What every hook script carries (hooks/qemu, hooks/network and the ones
+# hook_text writes; tests/unit/test_hook_guard.py keeps the copies equal).
+#
+# The guard runs when vnethook itself cannot: the package is gone or was
+# moved (a venv removed, dist-packages moved by a Python upgrade), fails to
+# import, or something escaped it. libvirt kills a running guest whose
+# `reconnect` hook fails and aborts a start when prepare/start/started or
+# port-created fails, so: exit 0, nothing on stdout (migrate/restore stdout
+# replaces the domain XML), one line on stderr; only the start of a guest
+# that the last valid map blocks (on_error: block, listed in block-guests,
+# see vnethook/blocklist.py) fails. Plain os calls only.
+#
+# Cost on the normal path: the guard is a string, compiled only when it is
+# needed (compiled on every run it would cost ~0.3 ms, scripts have no
+# .pyc), plus one dup2 and a try.
+PRELUDE = """\
+try:
+    os.dup2(2, 1)  # nothing may reach libvirt's stdout, whoever prints
+except OSError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+"""
+GUARD = """\
+def _vnethook_failed(kind, exc):
+    if isinstance(exc, SystemExit) and exc.code in (0, None):
+        os._exit(0)
+    rc, who, data = 0, None, b""
+    try:
+        while len(data) < 1 << 22:  # drain stdin: libvirt must not see EPIPE
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    try:
+        a = sys.argv
+        op = a[2] if len(a) > 2 else ""
+        if kind == "qemu" and op in ("prepare", "start", "started"):
+            who = a[1].encode("utf-8", "surrogateescape")
+        elif kind == "network" and op == "port-created":
+            import re
+
+            m = re.search(rb"<networkport[\\s>].*?<owner[^>]*>.*?<name>([^<]*)</name>", data, re.S)
+            if m:
+                who = m.group(1).strip().replace(b"&lt;", b"<").replace(b"&gt;", b">")
+                who = who.replace(b"&quot;", b'"').replace(b"&apos;", b"'").replace(b"&amp;", b"&")
+        if who:
+            d = os.environ.get("VNETHOOK_STATE_DIR")
+            if d and os.path.normpath(d) != "/run/vnethook":
+                f = os.path.join(d, "block-guests")
+            else:
+                f = "/var/lib/vnethook/block-guests"
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                st = os.fstat(fd)
+                if st.st_mode & 0o170000 == 0o100000 and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o22:
+                    lines = os.read(fd, 1 << 20).split(b"\\n")
+                    if lines[0].startswith(b"# vnethook block-guests ") and who in lines[1:]:
+                        rc = 1
+            finally:
+                os.close(fd)
+    except BaseException:
+        pass
+    try:
+        why = " ".join(("%s: %s" % (type(exc).__name__, exc)).split())[:400]
+        if rc:
+            then = "refusing the start of %s (on_error: block in the last valid port map)" % who.decode("utf-8", "replace")
+        else:
+            then = "exit 0, nothing changed"
+        line = "vnethook: %s hook %s: vnethook cannot run (%s); %s\\n" % (kind, " ".join(sys.argv[1:3]), why, then)
+        os.write(2, line.encode("utf-8", "replace"))
+    except BaseException:
+        pass
+    os._exit(rc)
+"""
+assert "'''" not in GUARD
+
+
+def script_guard() -> str:
+    """The guard as the scripts hold it: source text, exec'd on failure."""
+    return "_VNETHOOK_GUARD = r'''\n" + GUARD + "'''\n"
+
+
+def script_tail(kind: str) -> str:
+    return f"except BaseException as _e:\n    exec(_VNETHOOK_GUARD)\n    _vnethook_failed({kind!r}, _e)\n"
+
+
+def interpreter() -> str:
+    """The interpreter the hooks run: this one, by the path most likely to
+    outlive the install. A venv's bin/python goes with the venv (libvirt
+    could not even start the hook, and a failed `reconnect` kills the
+    guest), a versioned /usr/bin/python3.11 with the next Python upgrade; so
+    the base interpreter, by its unversioned name when that is the same
+    file. The venv's packages come in through sys.path (hook_text)."""
+    base = os.path.realpath(sys.executable)
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.realpath(cand) == base:
+            return cand
+    return base if os.access(base, os.X_OK) else sys.executable
+
+
 def hook_text(kind: str) -> str:
-    """The hook script: this interpreter, with `-S` when we can say where
-    its packages are (site.py costs 2-3 ms on every libvirt event)."""
+    """The hook script: this interpreter (interpreter()), with `-S` when we
+    can say where its packages are (site.py costs 2-3 ms on every libvirt
+    event), and the guard around everything it runs."""
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     site_dirs = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-    lines = [f"#!{sys.executable}{' -S' if site_dirs else ''}", MARKER, "import sys"]
+    if not site_dirs and os.path.realpath(sys.executable) != sys.executable:
+        # without -S, site.py would not find a venv's packages from the base interpreter
+        exe = sys.executable
+    else:
+        exe = interpreter()
+    lines = [f"#!{exe}{' -S' if site_dirs else ''}", MARKER, "import os", "import sys", "", PRELUDE + script_guard(), "try:"]
     if site_dirs:
-        lines.append(f"sys.path += {site_dirs!r}  # what site.py would add")
+        lines.append(f"    sys.path += {site_dirs!r}  # what site.py would add")
     if not _on_default_path(pkg_parent):
-        lines.append(f"sys.path.insert(0, {pkg_parent!r})")
-    lines += ["from vnethook.hook import run_and_exit", f"run_and_exit({kind!r})", ""]
+        lines.append(f"    sys.path.insert(0, {pkg_parent!r})")
+    lines += [
+        "    from vnethook.hook import run_and_exit",
+        "",
+        f"    run_and_exit({kind!r})",
+        script_tail(kind),
+    ]
     return "\n".join(lines)
 
 

@@ -18,10 +18,24 @@ class LockTimeout(Exception):
     pass
 
 
+DEFAULT_TIMEOUT = 120.0
+
+
+def default_timeout() -> float:
+    """VNETHOOK_LOCK_TIMEOUT (seconds) or 120. A hook that cannot get the
+    lock in time gives up without failing the event; a removal stays
+    pending and is retried (state.mark_removal)."""
+    try:
+        t = float(os.environ.get("VNETHOOK_LOCK_TIMEOUT") or DEFAULT_TIMEOUT)
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return t if t > 0 else DEFAULT_TIMEOUT
+
+
 class Lock:
-    def __init__(self, path: str, timeout: float = 120.0):
+    def __init__(self, path: str, timeout: "float | None" = None):
         self.path = path
-        self.timeout = timeout
+        self.timeout = default_timeout() if timeout is None else timeout
         self.fd = -1
 
     def __enter__(self) -> "Lock":

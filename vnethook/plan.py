@@ -143,6 +143,7 @@ def plan_guest(
 
     errors = []
     waiting = []
+    blocked = set()  # families whose configured address belongs to another guest
     addrs = {}  # family -> (address, subnet)
     how = []  # (mac, address, where it came from)
 
@@ -169,9 +170,22 @@ def plan_guest(
                     addrs[4] = (ip, sub)
                     how.append((nic.mac, ip, "static DHCP host"))
                 break
+    # A fixed or reserved address that dnsmasq has leased to another MAC
+    # belongs to another guest now: a DNAT there would hand it our ports.
+    for fam in sorted(addrs):
+        a = addrs[fam][0]
+        others = leased_to_others(leases.get(bridge, ()), a, nic.mac, now)
+        if others:
+            errors.append(
+                f"{guest.origin}: guest '{domain.name}': address {a} is leased by dnsmasq to "
+                f"{', '.join(others)}, not to {nic.mac}: not forwarding to it"
+            )
+            del addrs[fam]
+            how = [h for h in how if h[1] != a]
+            blocked.add(fam)
     for lease in _newest_first(leases.get(bridge, ()), nic.mac, now):
         fam = _family(lease.ip)
-        if fam in addrs:
+        if fam in addrs or fam in blocked:
             continue
         sub = _subnet_for(network, lease.ip)
         if sub is None:
@@ -187,6 +201,8 @@ def plan_guest(
         else:
             families = sorted(addrs) or [4]
         for fam in families:
+            if fam in blocked:
+                continue  # said in errors
             if fam not in addrs:
                 why = (f"no IPv{fam} address yet for {nic.mac} on '{nic.network}' "
                        f"(no fixed address, static host or lease)")
@@ -240,6 +256,15 @@ def _newest_first(leases, mac, now):
     ]
     # expiry 0 means "never expires": treat it as the newest
     return sorted(mine, key=lambda l: (l.expiry == 0, l.expiry), reverse=True)
+
+
+def leased_to_others(leases, address: str, mac: str, now) -> list:
+    """The other MACs that hold `address` by a live lease at least as new as
+    any of `mac`'s own (the same rule as _newest_first), sorted."""
+    _, by_ip = _lease_index(leases)
+    live = [l for l in by_ip.get(address, ()) if not now or l.expiry == 0 or l.expiry > now]
+    mine = max((_rank(l) for l in live if l.mac == mac), default=None)
+    return sorted({l.mac for l in live if l.mac != mac and (mine is None or _rank(l) >= mine)})
 
 
 def _rank(lease):

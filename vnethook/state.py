@@ -190,3 +190,76 @@ def forwards_of(record: dict | None) -> list:
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return out
+
+
+# --------------------------------------------------------------------------
+# Pending removals
+#
+# A removal (qemu stopped/release, network port-deleted) is announced here
+# *before* it takes the lock, and the mark goes once the forwards are gone.
+# If the removal cannot happen (the lock is held past its timeout, the
+# firewall refuses), the mark stays, and the next event that takes the lock,
+# `vnethook sync` and the lease watcher retry it until it succeeds: a stopped
+# guest's DNAT must not stay to catch whatever dnsmasq leases its address to
+# next. Marks live apart from the records (they are written without the
+# lock); {"domain": NAME, "macs": null (all) or [MAC, ...], "time": T}.
+
+
+def _removal_path(paths, key: str) -> str:
+    return os.path.join(paths.state_dir, "removals", key + ".json")
+
+
+def mark_removal(paths, key: str, domain: str, macs: "list | None" = None) -> None:
+    import json
+    import time
+
+    old = removal(paths, key)
+    if old is not None:
+        if old.get("macs") is None or macs is None:
+            macs = None  # a whole-guest removal covers any NIC's
+        else:
+            macs = sorted(set(old["macs"]) | set(macs))
+    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)  # makedirs gives only the leaf `mode`
+    os.makedirs(os.path.dirname(_removal_path(paths, key)), mode=0o700, exist_ok=True)
+    rec = {"domain": domain, "macs": None if macs is None else sorted(set(macs)), "time": time.time()}
+    atomic_write(_removal_path(paths, key), json.dumps(rec, sort_keys=True).encode())
+
+
+def removal(paths, key: str) -> "dict | None":
+    import json
+
+    try:
+        with open(_removal_path(paths, key), "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"domain": key, "macs": None}  # unreadable: the whole guest, to be safe
+    if not isinstance(data, dict):
+        return {"domain": key, "macs": None}
+    macs = data.get("macs")
+    if macs is not None and not (isinstance(macs, list) and all(isinstance(m, str) for m in macs)):
+        macs = None
+    return {"domain": data.get("domain") if isinstance(data.get("domain"), str) else key, "macs": macs}
+
+
+def removals(paths) -> dict:
+    """Every pending removal, by key (one listdir when there is none)."""
+    try:
+        names = os.listdir(os.path.join(paths.state_dir, "removals"))
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        if name.endswith(".json"):
+            rec = removal(paths, name[:-5])
+            if rec is not None:
+                out[name[:-5]] = rec
+    return out
+
+
+def clear_removal(paths, key: str) -> None:
+    try:
+        os.unlink(_removal_path(paths, key))
+    except FileNotFoundError:
+        pass

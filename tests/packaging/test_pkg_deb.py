@@ -19,7 +19,8 @@ HOOKS = {
     "/etc/libvirt/hooks/qemu.d/vnethook": "/usr/libexec/vnethook/hooks/qemu",
     "/etc/libvirt/hooks/network.d/vnethook": "/usr/libexec/vnethook/hooks/network",
 }
-UNITS = ("vnethook-sync.service", "vnethook-leases.path", "vnethook-leases.service")
+UNITS = ("vnethook-sync.service", "vnethook-sync.timer", "vnethook-sync-periodic.service",
+         "vnethook-leases.path", "vnethook-leases.service")
 UNIT_DIRS = ("/lib/systemd/system", "/usr/lib/systemd/system")
 FILES = (
     "/usr/bin/vnethook",
@@ -37,6 +38,8 @@ GONE_AFTER_PURGE = FILES + tuple(HOOKS) + (
     "/usr/lib/python3/dist-packages/vnethook",
     "/etc/systemd/system/multi-user.target.wants/vnethook-sync.service",
     "/etc/systemd/system/paths.target.wants/vnethook-leases.path",
+    "/etc/systemd/system/timers.target.wants/vnethook-sync.timer",
+    "/var/lib/vnethook",
 )
 
 

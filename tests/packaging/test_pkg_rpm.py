@@ -3,9 +3,10 @@ the Fedora macros Debian's rpm lacks) and ships what the .deb ships."""
 
 from __future__ import annotations
 
+import os
 import re
 
-from debpkg import run
+from debpkg import REPO, run
 
 EXPECTED = (
     "/usr/bin/vnethook",
@@ -16,6 +17,8 @@ EXPECTED = (
     "/etc/vnethook/ports.yaml",
     "/etc/vnethook/ports.d",
     "/usr/lib/systemd/system/vnethook-sync.service",
+    "/usr/lib/systemd/system/vnethook-sync.timer",
+    "/usr/lib/systemd/system/vnethook-sync-periodic.service",
     "/usr/lib/systemd/system/vnethook-leases.path",
     "/usr/lib/systemd/system/vnethook-leases.service",
     "/usr/lib/systemd/system-preset/50-vnethook.preset",
@@ -67,4 +70,10 @@ def test_rpm_scriptlets(vnethook_rpm):
     # flush only when the package goes ($1 == 0), not on upgrade
     assert re.search(r'if \[ "\$1" -eq 0 \]; then.*vnethook flush', preun, re.S), preun
     postun = s.split("postuninstall scriptlet")[1]
-    assert "kill -HUP" in postun and "rm -rf /run/vnethook" in postun
+    assert "kill -HUP" in postun and "rm -rf /run/vnethook" in postun and "rm -rf /var/lib/vnethook" in postun
+    # (the %systemd_* macros expand to nothing where rpm lacks them, as on Debian)
+    with open(os.path.join(REPO, "packaging", "rpm", "vnethook.spec")) as f:
+        spec = f.read()
+    for macro in ("%systemd_post", "%systemd_preun", "%systemd_postun_with_restart"):
+        line = re.search("^" + macro + " (.*)$", spec, re.M).group(1).split()
+        assert "vnethook-sync.timer" in line and "vnethook-sync.service" in line, line

@@ -18,7 +18,8 @@ import debpkg
 from debpkg import REPO, run
 
 UNIT_SRC = os.path.join(REPO, "packaging", "systemd")
-UNITS = ("vnethook-sync.service", "vnethook-leases.path", "vnethook-leases.service")
+UNITS = ("vnethook-sync.service", "vnethook-sync.timer", "vnethook-sync-periodic.service",
+         "vnethook-leases.path", "vnethook-leases.service")
 
 
 @pytest.fixture
@@ -100,3 +101,16 @@ def test_unit_wiring():
     for after in ("libvirtd.service", "virtnetworkd.service", "firewalld.service"):
         assert after in sync["Unit"]["After"].split()
     assert {"multi-user.target", "firewalld.service"} <= set(sync["Install"]["WantedBy"].split())
+
+    # the periodic sync: its own plain oneshot, since a timer cannot start
+    # the RemainAfterExit= vnethook-sync.service again
+    timer = _unit("vnethook-sync.timer")
+    assert timer["Timer"]["Unit"] == "vnethook-sync-periodic.service"
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    every = timer["Timer"]["OnUnitActiveSec"]
+    assert every.endswith("min") and 1 <= int(every[:-3]) <= 10, every
+    periodic = _unit("vnethook-sync-periodic.service")
+    assert periodic["Service"]["Type"] == "oneshot"
+    assert "RemainAfterExit" not in periodic["Service"]
+    assert periodic["Service"]["ExecStart"].split() == ["/usr/bin/vnethook", "sync"]
+    assert "Install" not in periodic  # static: only the timer starts it
