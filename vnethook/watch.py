@@ -110,6 +110,23 @@ def _configured_running(paths, config) -> bool:
     return any(n.endswith(".xml") and n[:-4] in config.guests for n in names)
 
 
+# How often the watcher looks whether someone wiped our rules (an
+# `nft flush ruleset`, a `systemctl restart nftables` with no systemd unit
+# of ours to follow it): one listing of the firewall.
+REPAIR_EVERY = 2.0
+
+
+def _repair_if_wiped(engine, log) -> None:
+    try:
+        why = engine.needs_repair()
+        if why:
+            log.warning(f"lease watcher: {why}: re-applying (vnethook sync)")
+            for err in engine.sync(verify=True).errors:
+                log.error(f"lease watcher: {err}")
+    except Exception as e:  # keep watching; the next round retries
+        log.error(f"lease watcher: checking the firewall: {type(e).__name__}: {e}")
+
+
 def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0) -> int:
     """The watcher loop. Returns when idle, at the time bound, or if another runs."""
     fd = _try_lock(paths)
@@ -124,6 +141,7 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     start = time.monotonic()
     last = None
     idle_since = None
+    next_check = start + REPAIR_EVERY
     try:
         while time.monotonic() - start < max_seconds:
             stamps = _stamps(paths)
@@ -142,6 +160,9 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                     except Exception as e:  # keep watching; the next change retries
                         log.error(f"lease watcher: {type(e).__name__}: {e}")
                         last = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + REPAIR_EVERY
+                    _repair_if_wiped(Engine(paths, config), log)
                 if _configured_running(paths, config):
                     idle_since = None
                 else:
