@@ -88,10 +88,11 @@ def bus_address() -> str:
 def connect(timeout: float = 2.0):
     """A blocking jeepney connection to the system bus, or NoDBus."""
     _jeepney()
+    from jeepney.bus import get_bus
     from jeepney.io.blocking import DBusConnection, prep_socket
 
     try:
-        sock = prep_socket(bus_address(), timeout=timeout)
+        sock = prep_socket(get_bus(bus_address()), timeout=timeout)
     except (OSError, ValueError, RuntimeError) as e:
         raise NoDBus(f"cannot reach the system bus ({bus_address()}): {e}") from None
     return DBusConnection(sock)
@@ -199,6 +200,8 @@ def libvirt_state(paths, backend: str) -> Optional[str]:
     import subprocess
 
     bridges = _bridges(paths)
+    if not bridges:
+        return ""  # no active network: libvirt has nothing to put back
     if backend == "nftables":
         try:
             cp = subprocess.run(["nft", "list", "table", "ip", "libvirt_network"],
