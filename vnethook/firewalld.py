@@ -190,48 +190,42 @@ def _bridges(paths) -> list:
 
 
 def libvirt_state(paths, backend: str) -> Optional[str]:
-    """A fingerprint of libvirt's rules if they look complete, else None.
+    """A fingerprint of what of libvirt's rules decides our place, once it
+    is there; else None.
 
-    iptables: every jump to LIBVIRT_* present, and each active network's
-    bridge in LIBVIRT_FWI/FWO (libvirt adds a network's rules after its
-    chains and jumps). nftables: libvirt's `ip libvirt_network` table
-    with each bridge in it (firewalld leaves that table alone).
+    iptables: libvirt first creates its chains and the jumps to them
+    (FORWARD -> LIBVIRT_FWX/FWI/FWO, INPUT, OUTPUT, nat POSTROUTING), then
+    fills its chains network by network. Only the jumps matter to us: a jump
+    libvirt inserts later lands at the top of FORWARD, ahead of our accept,
+    while rules inside its own chains never do. So we may go as soon as the
+    jumps are back, without waiting for every network's rules.
+    nftables: libvirt's `ip libvirt_network` table (firewalld leaves it
+    alone) with its forward chain.
     """
     import subprocess
 
-    bridges = _bridges(paths)
-    if not bridges:
+    if not _bridges(paths):
         return ""  # no active network: libvirt has nothing to put back
     if backend == "nftables":
         try:
-            cp = subprocess.run(["nft", "list", "table", "ip", "libvirt_network"],
+            cp = subprocess.run(["nft", "list", "chain", "ip", "libvirt_network", "forward"],
                                 capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        text = cp.stdout if cp.returncode == 0 else ""
-        if not text and bridges:
-            return None
-        if any(f'"{b}"' not in text for b in bridges):
-            return None
-        return text
-    texts = []
+        return "forward" if cp.returncode == 0 else None
+    found = []
     for table, chains in LIBVIRT_JUMPS.items():
         text = _iptables_save(backend, table)
         if text is None:
             return None
-        lines = text.splitlines()
+        lines = set(text.splitlines())
         for chain, targets in chains.items():
             for t in targets:
-                if f"-A {chain} -j {t}" not in lines:
+                line = f"-A {chain} -j {t}"
+                if line not in lines:
                     return None
-        if table == "filter":
-            for b in bridges:
-                for c, opt in (("LIBVIRT_FWI", "-o"), ("LIBVIRT_FWO", "-i")):
-                    if not any(ln.startswith(f"-A {c} ") and f" {opt} {b} " in ln + " " for ln in lines):
-                        return None
-        # Only libvirt's lines make the fingerprint (ours change with sync).
-        texts.extend(ln for ln in lines if ln.startswith("-A ") and "LIBVIRT_" in ln)
-    return "\n".join(texts)
+                found.append(line)
+    return "\n".join(found)
 
 
 def wait_libvirt(paths, backend: str, timeout: float = 5.0, interval: float = 0.025) -> bool:
@@ -269,18 +263,17 @@ def resync(paths, why: str, wait: float = 5.0) -> bool:
         log.warning(f"firewalld {why}: libvirt's rules did not look complete within {wait:.0f}s; syncing anyway")
     ok = False
     for attempt in range(5):
-        before = libvirt_state(paths, name)
         report = engine.sync(verify=True)
         for err in report.errors:
             log.error(f"firewalld {why}: {err}")
-        time.sleep(0.05)
-        after = libvirt_state(paths, name)
+        # Verify the order: libvirt may have re-inserted a jump meanwhile
+        # (ahead of our accept) or still be adding its own.
         try:
             base_ok = engine.backend().snapshot().base_ok
         except Exception as e:
             log.error(f"firewalld {why}: cannot list the firewall: {e}")
             base_ok = False
-        if before == after and base_ok and not report.errors:
+        if base_ok and not report.errors:
             ok = True
             break
         wait_libvirt(paths, name, timeout=1.0)
