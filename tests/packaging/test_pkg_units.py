@@ -18,7 +18,8 @@ import debpkg
 from debpkg import REPO, run
 
 UNIT_SRC = os.path.join(REPO, "packaging", "systemd")
-UNITS = ("vnethook-sync.service", "vnethook-leases.path", "vnethook-leases.service")
+UNITS = ("vnethook-sync.service", "vnethook-leases.path", "vnethook-leases.service",
+         "vnethook-firewalld.service")
 
 
 @pytest.fixture
@@ -100,3 +101,12 @@ def test_unit_wiring():
     for after in ("libvirtd.service", "virtnetworkd.service", "firewalld.service"):
         assert after in sync["Unit"]["After"].split()
     assert {"multi-user.target", "firewalld.service"} <= set(sync["Install"]["WantedBy"].split())
+
+    # firewall-cmd --reload never reaches systemd: this one follows D-Bus,
+    # and is restarted with firewalld (then re-applies once on start).
+    fw = _unit("vnethook-firewalld.service")
+    assert fw["Service"]["ExecStart"] == "/usr/bin/vnethook firewalld-listen"
+    assert fw["Service"]["Type"] == "simple"
+    assert fw["Unit"]["PartOf"] == "firewalld.service"
+    assert "firewalld.service" in fw["Unit"]["After"].split()
+    assert fw["Install"]["WantedBy"] == "firewalld.service"
