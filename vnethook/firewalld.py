@@ -355,7 +355,8 @@ def _follow(conn, paths, stop, on_done, MatchRule, message_bus, log, initial=Fal
                 on_done("start", ok)
         while stop is None or not stop.is_set():
             try:
-                msg = conn.recv_until_filtered(queue, timeout=1.0)
+                # No stop event (the CLI): block; a thread polls its event.
+                msg = conn.recv_until_filtered(queue, timeout=None if stop is None else 1.0)
             except TimeoutError:
                 continue
             whys = [_why(msg)]
