@@ -114,7 +114,7 @@ def _qemu(domain_name: str, op: str, data: bytes) -> int:
     engine = Engine(paths, config)
     plan = engine.apply_domain(domain, event=f"qemu {op}")
     if plan is not None:
-        if plan.forwards and op in ("started", "reconnect"):
+        if op in ("started", "reconnect"):
             _warn_strict_forward_ports(domain.name)
         _maybe_watch_leases(paths, config, plan)
     return 0

@@ -167,6 +167,11 @@ def test_watcher_follows_firewalld(fsb, tmp_path):
     if sb.firewall_backend != "iptables":
         pytest.skip("one backend is enough for the watcher's wiring")
     vh = VnethookEnv(sb, tmp_path)
+    # StrictForwardPorts (firewalld >= 2.3; 1.3.3 here ignores it): the hook
+    # says so in its log, and status counts it as a problem.
+    conf = tmp_path / "firewalld.conf"
+    conf.write_text("StrictForwardPorts=yes\n")
+    vh.env["VNETHOOK_FIREWALLD_CONF"] = str(conf)
     vh.install()
     sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
     vh.write_map("guests:\n  web2: [8080:80]\n")
@@ -179,6 +184,8 @@ def test_watcher_follows_firewalld(fsb, tmp_path):
     g.serve_tcp(80, "web2")
     _wait_back(sb, ext)
     assert vh.watcher_running()
+    assert "StrictForwardPorts=yes" in vh.log_text()
+    assert any("StrictForwardPorts" in p for p in vh.status_json()["problems"])
     ours = vh.our_rules()
     sb.firewall_cmd("--reload")
     done = time.monotonic()
