@@ -137,7 +137,7 @@ def _has_owner(conn, timeout: float) -> bool:
     return bool(reply.body and reply.body[0])
 
 
-def strict_problem(use_bus: bool = True) -> Optional[str]:
+def strict_problem(use_bus: bool = True, bus_timeout: float = 1.0) -> Optional[str]:
     """Why vnethook's forwards cannot work under this firewalld, or None.
 
     StrictForwardPorts=yes (firewalld >= 2.3) rejects every DNATed
@@ -145,7 +145,7 @@ def strict_problem(use_bus: bool = True) -> Optional[str]:
     (nor libvirt's) lets a forwarded connection through.
     """
     where = None
-    if use_bus and strict_on_bus():
+    if use_bus and strict_on_bus(bus_timeout):
         where = "the running firewalld reports it over D-Bus"
     elif strict_in_conf():
         where = f"set in {conf_path()}"
@@ -360,7 +360,14 @@ def _follow(conn, paths, stop, on_done, MatchRule, message_bus, log, initial=Fal
             except TimeoutError:
                 continue
             whys = [_why(msg)]
-            while queue:  # several signals at once: one pass covers them all
+            # Everything that came meanwhile (a burst of reloads, or signals
+            # sent during the last pass) is covered by one more pass.
+            while True:
+                try:
+                    conn.recv_messages(timeout=0)
+                except TimeoutError:
+                    break
+            while queue:
                 whys.append(_why(queue.popleft()))
             whys = [w for w in whys if w]
             if not whys:

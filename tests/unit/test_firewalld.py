@@ -141,3 +141,147 @@ def test_libvirt_ready_needs_every_jump(tmp_path, monkeypatch):
         _fake_save(tmp_path, drop=missing)
         assert firewalld.libvirt_state(paths, "iptables-nft") is None
         assert not firewalld.wait_libvirt(paths, "iptables-nft", timeout=0.1)
+
+
+@pytest.fixture
+def private_bus(tmp_path, monkeypatch):
+    """A dbus-daemon of our own on a socket in tmp_path (no namespace
+    needed: nothing else knows the address)."""
+    pytest.importorskip("jeepney")
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed")
+    sock = tmp_path / "bus"
+    conf = tmp_path / "bus.conf"
+    conf.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={sock}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/>
+<allow receive_sender="*"/></policy></busconfig>
+""")
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile"])
+    import time
+
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "dbus-daemon did not start"
+        time.sleep(0.02)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={sock}")
+    yield f"unix:path={sock}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _fake_firewalld(address, strict):
+    """Own org.fedoraproject.FirewallD1 and answer Properties.Get like
+    firewalld >= 2.3 (StrictForwardPorts on the config object), or like 1.x
+    (no such property: an error). Returns a stop function."""
+    import threading
+
+    from jeepney import message_bus, new_error, new_method_return
+    from jeepney.bus import get_bus
+    from jeepney.io.blocking import DBusConnection, prep_socket
+    from jeepney.low_level import HeaderFields, MessageType
+
+    conn = DBusConnection(prep_socket(get_bus(address)))
+    assert conn.send_and_get_reply(message_bus.RequestName(firewalld.FW_NAME)).body[0] == 1
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                msg = conn.receive(timeout=0.1)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            f = msg.header.fields
+            if msg.header.message_type != MessageType.method_call:
+                continue
+            if (f.get(HeaderFields.member) == "Get" and f.get(HeaderFields.path) == firewalld.FW_CONFIG_PATH
+                    and msg.body == (firewalld.FW_CONFIG_IFACE, "StrictForwardPorts") and strict is not None):
+                conn.send(new_method_return(msg, "v", (("s", strict),)))
+            elif f.get(HeaderFields.member) == "Get" and msg.body == (firewalld.FW_NAME, "state"):
+                conn.send(new_method_return(msg, "v", (("s", "RUNNING"),)))
+            else:
+                conn.send(new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "s", ("no such property",)))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    def done():
+        stop.set()
+        t.join(timeout=5)
+        conn.close()
+
+    def reloaded():
+        from jeepney import DBusAddress, new_signal
+
+        conn.send(new_signal(DBusAddress(firewalld.FW_PATH, interface=firewalld.FW_NAME), "Reloaded"))
+
+    done.reloaded = reloaded
+    return done
+
+
+@pytest.mark.parametrize("strict, want", [("yes", True), ("no", False), (None, None)])
+def test_strict_from_the_running_firewalld(private_bus, tmp_path, monkeypatch, strict, want):
+    monkeypatch.setenv("VNETHOOK_FIREWALLD_CONF", str(tmp_path / "absent.conf"))
+    assert firewalld.strict_on_bus() is None  # nobody owns the name yet
+    done = _fake_firewalld(private_bus, strict)
+    try:
+        # Generous timeouts: other tests may load the machine.
+        assert firewalld.strict_on_bus(5.0) is want
+        problem = firewalld.strict_problem(use_bus=True, bus_timeout=5.0)
+        if want:
+            assert "reports it over D-Bus" in problem
+        else:
+            assert problem is None
+    finally:
+        done()
+
+
+def test_listener_follows_reload_and_restart(private_bus, tmp_path, monkeypatch):
+    """Reloaded and a new owner of the name each lead to one resync; the
+    signals of a burst that arrive during a resync are covered by one more."""
+    import threading
+    import time
+
+    calls = []
+    gate = threading.Event()
+
+    def fake_resync(paths, why, wait=5.0):
+        calls.append(why)
+        gate.wait(5)
+        return True
+
+    monkeypatch.setattr(firewalld, "resync", fake_resync)
+    monkeypatch.setenv("VNETHOOK_LOG", "stderr")
+    stop = threading.Event()
+    t = threading.Thread(target=firewalld.listen, args=(get_paths(),), kwargs={"stop": stop}, daemon=True)
+    t.start()
+
+    def wait_calls(n):
+        deadline = time.monotonic() + 10
+        while len(calls) < n:
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.02)
+
+    try:
+        time.sleep(0.5)  # subscribed (no initial resync without `initial`)
+        assert calls == []
+        first = _fake_firewalld(private_bus, None)  # a firewalld appears: a "restart"
+        wait_calls(1)
+        assert calls == ["restart"]
+        for _ in range(5):  # a burst while the resync still runs
+            first.reloaded()
+        time.sleep(0.3)
+        gate.set()
+        wait_calls(2)
+        time.sleep(0.5)
+        assert calls == ["restart", "reload"], calls
+        first()  # firewalld goes away: nothing to do until a new one owns the name
+        time.sleep(0.3)
+        assert len(calls) == 2
+    finally:
+        stop.set()
+        gate.set()
+        t.join(timeout=5)
