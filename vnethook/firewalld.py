@@ -299,14 +299,16 @@ def _wait_running(conn, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def listen(paths, stop=None, on_done=None, retry: float = 5.0, initial: bool = False) -> int:
+def listen(paths, stop=None, on_done=None, retry: float = 5.0, initial: bool = False,
+           quiet: bool = False) -> int:
     """Follow firewalld on the system bus and re-apply after each reload or
     restart, until `stop` (a threading.Event) is set. Reconnects when the
     bus goes away. Raises NoDBus only when jeepney is missing.
 
     `initial`: also re-apply once on connecting, if firewalld runs. Under
     systemd this unit is restarted after firewalld (PartOf=, After=), so
-    the restart's own signal came before we listened."""
+    the restart's own signal came before we listened. `quiet`: say
+    nothing while there is no system bus (the watcher, on any host)."""
     _jeepney()
     from jeepney import MatchRule, message_bus
     from vnethook import log
@@ -316,7 +318,7 @@ def listen(paths, stop=None, on_done=None, retry: float = 5.0, initial: bool = F
         try:
             conn = connect()
         except NoDBus as e:
-            if str(e) != said:
+            if str(e) != said and not quiet:
                 log.warning(f"firewalld listener: {e}; retrying every {retry:.0f}s")
                 said = str(e)
             if stop is not None:
@@ -403,13 +405,14 @@ def start_thread(paths):
     try:
         _jeepney()
     except NoDBus as e:
-        log.warning(f"firewalld listener not started: {e}; after a firewalld reload run `vnethook sync`")
+        if os.path.exists("/usr/sbin/firewalld") or os.path.exists("/etc/firewalld"):
+            log.warning(f"firewalld listener not started: {e}; after a firewalld reload run `vnethook sync`")
         return None
     stop = threading.Event()
 
     def run():
         try:
-            listen(paths, stop=stop)
+            listen(paths, stop=stop, quiet=True)
         except Exception as e:  # the watcher goes on with leases
             log.error(f"firewalld listener stopped: {type(e).__name__}: {e}")
 
