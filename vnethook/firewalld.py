@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 FW_NAME = "org.fedoraproject.FirewallD1"
 FW_PATH = "/org/fedoraproject/FirewallD1"
@@ -51,7 +50,7 @@ def _yes(value: str) -> bool:
     return value.strip().strip("\"'").lower() in ("yes", "true", "1", "on")
 
 
-def strict_in_conf(path: Optional[str] = None) -> Optional[bool]:
+def strict_in_conf(path: str | None = None) -> bool | None:
     """StrictForwardPorts from firewalld.conf: True/False, None if not set
     (or no file). The last assignment wins, as in firewalld's own parser."""
     path = path or conf_path()
@@ -110,7 +109,7 @@ def _get_property(conn, path: str, iface: str, name: str, timeout: float = 2.0):
     return reply.body[0][1]
 
 
-def strict_on_bus(timeout: float = 1.0) -> Optional[bool]:
+def strict_on_bus(timeout: float = 1.0) -> bool | None:
     """The running firewalld's StrictForwardPorts (firewalld >= 2.3), or
     None: no binding, no bus, no firewalld, or a version without it."""
     try:
@@ -137,7 +136,7 @@ def _has_owner(conn, timeout: float) -> bool:
     return bool(reply.body and reply.body[0])
 
 
-def strict_problem(use_bus: bool = True, bus_timeout: float = 1.0) -> Optional[str]:
+def strict_problem(use_bus: bool = True, bus_timeout: float = 1.0) -> str | None:
     """Why vnethook's forwards cannot work under this firewalld, or None.
 
     StrictForwardPorts=yes (firewalld >= 2.3) rejects every DNATed
@@ -158,7 +157,7 @@ def strict_problem(use_bus: bool = True, bus_timeout: float = 1.0) -> Optional[s
 
 
 # ------------------------------------------------------------ libvirt ready
-def _iptables_save(flavour: str, table: str) -> Optional[str]:
+def _iptables_save(flavour: str, table: str) -> str | None:
     import subprocess
 
     tool = {"iptables-legacy": "iptables-legacy-save"}.get(flavour, "iptables-nft-save")
@@ -189,7 +188,7 @@ def _bridges(paths) -> list:
     return out
 
 
-def libvirt_state(paths, backend: str) -> Optional[str]:
+def libvirt_state(paths, backend: str) -> str | None:
     """A fingerprint of what of libvirt's rules decides our place, once it
     is there; else None.
 
@@ -382,7 +381,7 @@ def _follow(conn, paths, stop, on_done, MatchRule, message_bus, log, initial=Fal
                 on_done(why, ok)
 
 
-def _why(msg) -> Optional[str]:
+def _why(msg) -> str | None:
     from jeepney.low_level import HeaderFields
 
     member = msg.header.fields.get(HeaderFields.member)

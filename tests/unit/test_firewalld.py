@@ -285,3 +285,13 @@ def test_listener_follows_reload_and_restart(private_bus, tmp_path, monkeypatch)
         stop.set()
         gate.set()
         t.join(timeout=5)
+
+
+def test_hook_check_stays_cheap(tmp_path):
+    """The hook reads firewalld.conf at started/reconnect: no typing, no
+    subprocess, no D-Bus on that path."""
+    code = ("import sys, vnethook.firewalld as f; f.strict_in_conf(); "
+            "print(sorted(m for m in ('typing', 'subprocess', 'jeepney') if m in sys.modules))")
+    cp = subprocess.run(["/usr/bin/python3", "-S", "-c", code], capture_output=True, text=True,
+                        env=_env(tmp_path), cwd="/")
+    assert cp.stdout.strip() == "[]", cp.stdout + cp.stderr
