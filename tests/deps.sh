@@ -12,12 +12,13 @@ export DEBIAN_FRONTEND=noninteractive
 CODENAME="${VERSION_CODENAME:-}"
 
 BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptables python3-systemd
-      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod python3-scapy)
+      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod python3-scapy python3-jeepney)
 # `--runtime`: just enough for ./try-it; otherwise also the test and packaging tools.
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
-           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db)
+           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db
+           dbus-daemon firewalld)
 fi
 # The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
 # busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches
@@ -68,7 +69,28 @@ if [ "$CODENAME" = bookworm ]; then
     done
 fi
 apt-get update -q >/dev/null
-apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null
+# firewalld is for the e2e sandbox only (tests/e2e/test_firewalld.py runs its
+# own, on a private D-Bus): it must not start on this host, nor at its next
+# boot. A policy-rc.d that refuses every start covers the install (both
+# invoke-rc.d and deb-systemd-invoke ask it); a fresh install is disabled.
+fw_new=0
+dpkg-query -W -f='${Status}' firewalld 2>/dev/null | grep -q "install ok installed" || fw_new=1
+own_policy=0
+if [ $fw_new = 1 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# tests/deps.sh: start nothing while installing\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+fi
+rc=0
+apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null || rc=$?
+[ $own_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+[ $rc = 0 ] || exit $rc
+if [ $fw_new = 1 ] && command -v deb-systemd-helper >/dev/null; then
+    deb-systemd-helper disable firewalld.service >/dev/null 2>&1 || true
+fi
+if pgrep -x firewalld >/dev/null; then
+    echo "tests/deps.sh: warning: a firewalld runs on this host (not started by the tests)" >&2
+fi
 # The packages' postinst may have started nothing (no systemd), but be sure
 # no host libvirtd from the package interferes with the sandboxes.
 exit 0

@@ -127,7 +127,8 @@ def _repair_if_wiped(engine, log) -> None:
         log.error(f"lease watcher: checking the firewall: {type(e).__name__}: {e}")
 
 
-def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0) -> int:
+def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0,
+        firewalld_listen: bool | None = None) -> int:
     """The watcher loop. Returns when idle, at the time bound, or if another runs."""
     fd = _try_lock(paths)
     if fd is None:
@@ -142,6 +143,17 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     last = None
     idle_since = None
     next_check = start + REPAIR_EVERY
+    # firewalld flushes every iptables table on reload and restart; while
+    # guests run, this watcher also follows firewalld on the system bus
+    # (what vnethook-firewalld.service does on systemd hosts).
+    # With systemd, vnethook-firewalld.service does it (one listener, not two).
+    listener = None
+    if firewalld_listen is None:
+        firewalld_listen = not os.path.isdir("/run/systemd/system")
+    if firewalld_listen:
+        from vnethook.firewalld import start_thread
+
+        listener = start_thread(paths)
     try:
         while time.monotonic() - start < max_seconds:
             stamps = _stamps(paths)
@@ -171,6 +183,8 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                         break
             time.sleep(interval)
     finally:
+        if listener is not None:
+            listener.set()
         os.close(fd)
     return 0
 
