@@ -530,6 +530,10 @@ class Engine:
             v = others.verdict(view, flavour, fam, jump_first=flavour == mine)
             if v:
                 out.append(v)
+        try:
+            out += others.nft_culprits(others.nft_ruleset())
+        except Exception as e:
+            out.append(f"cannot list the nftables ruleset: {e}")
         return out
 
     def needs_repair(self):

@@ -173,3 +173,29 @@ def test_watcher_repairs_a_flushed_ruleset(served):
     finally:
         w.terminate()
         w.wait(10)
+
+
+def test_status_names_a_native_nft_forward_policy_drop(served):
+    """An admin's own nftables table with a forward chain, policy drop (a
+    common /etc/nftables.conf): every forwarded connection dies there. vnethook
+    does not touch someone else's table; status and doctor name it, and once
+    the admin accepts DNATed traffic there it is fine again."""
+    host = served
+    host.write_map(MAP)
+    assert host.started("g0", [MAC]).returncode == 0
+    assert _works(host)
+    nft = ("table inet admin_fw {\n chain forward {\n  type filter hook forward priority 0; policy drop;\n"
+           "  ct state established,related accept\n }\n}\n")
+    host.topo.exec("host", "nft", "-f", "-", input=nft)
+    try:
+        assert not host.topo.connect("ext", A["host_ext4"], 8000).ok
+        rc, st = _status(host)
+        assert rc == 1 and "dropped: nft inet admin_fw chain forward (hook forward) policy drop" in st["problems"], st
+        doc = host.cli("doctor", "g0")
+        assert doc.returncode == 1 and b"admin_fw" in doc.stdout
+        host.topo.exec("host", "nft", "insert", "rule", "inet", "admin_fw", "forward", "ct", "status", "dnat", "accept")
+        assert _works(host)
+        rc, st = _status(host)
+        assert rc == 0 and not st["problems"], st["problems"]
+    finally:
+        host.topo.exec("host", "nft", "delete", "table", "inet", "admin_fw", check=False)

@@ -316,3 +316,94 @@ def ensure(active: bool, covered: "Optional[str]" = None) -> "List[str]":
         if status != 0:
             problems.append(f"{tool}: {err.strip()}")
     return problems
+
+
+# --- native nftables tables on the forward hook ---------------------------------------
+
+# Tables judged elsewhere: iptables-nft's own (listed through iptables-save
+# above), libvirt's (our accept is inside it, see firewall/nftables.py) and ours.
+_NFT_SKIP = {("ip", "filter"), ("ip6", "filter"), ("ip", "libvirt_network"), ("ip6", "libvirt_network")}
+_QUIET = ("counter", "log", "limit")
+
+
+def _accepts_ours(expr: list) -> bool:
+    """`ct status dnat accept` or our ct-mark test followed by accept."""
+    if not expr or "accept" not in expr[-1]:
+        return False
+    for e in expr[:-1]:
+        m = e.get("match") if isinstance(e, dict) else None
+        if not m:
+            if isinstance(e, dict) and any(k in e for k in _QUIET):
+                continue
+            return False
+        left, right = m.get("left"), m.get("right")
+        if isinstance(left, dict) and left.get("ct", {}).get("key") == "status":
+            if right == "dnat" or (isinstance(right, list) and "dnat" in right):
+                continue
+        if isinstance(left, dict) and "&" in left and any(
+                isinstance(x, dict) and x.get("ct", {}).get("key") == "mark" for x in left["&"]):
+            continue
+        return False
+    return True
+
+
+def _drops_all(expr: list) -> bool:
+    """A rule that drops or rejects every packet reaching it."""
+    if not expr or not ("drop" in expr[-1] or "reject" in expr[-1]):
+        return False
+    return all(isinstance(e, dict) and any(k in e for k in _QUIET) for e in expr[:-1])
+
+
+def nft_culprits(ruleset: list) -> "List[str]":
+    """For each other table's base chain on the forward hook: what drops a
+    DNATed guest connection there, judged in rule order (an accept of
+    `ct status dnat` or our ct mark first makes the chain harmless).
+
+    `ruleset` is `nft -j list ruleset`'s "nftables" list. Jumps into other
+    chains are not followed: what they may do is not known here.
+    """
+    chains = {}
+    rules: "Dict[Tuple[str, str, str], List[list]]" = {}
+    for obj in ruleset:
+        if "chain" in obj:
+            c = obj["chain"]
+            chains[(c.get("family"), c.get("table"), c.get("name"))] = c
+        elif "rule" in obj:
+            r = obj["rule"]
+            rules.setdefault((r.get("family"), r.get("table"), r.get("chain")), []).append(r.get("expr") or [])
+    out = []
+    for (family, table, name), c in sorted(chains.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        if c.get("hook") != "forward" or c.get("type") != "filter" or family in ("bridge", "netdev", "arp"):
+            continue
+        if (family, table) in _NFT_SKIP or str(table).startswith("vnethook"):
+            continue
+        where = f"nft {family} {table} chain {name} (hook forward)"
+        verdict = None
+        for expr in rules.get((family, table, name), []):
+            if _accepts_ours(expr):
+                verdict = "ok"
+                break
+            if _drops_all(expr):
+                verdict = f"dropped: {where}: a rule drops or rejects everything not accepted above it"
+                break
+        if verdict is None and c.get("policy") == "drop":
+            verdict = f"dropped: {where} policy drop"
+        if verdict and verdict != "ok":
+            out.append(verdict)
+    return out
+
+
+def nft_ruleset() -> list:
+    """The whole ruleset as nft JSON objects ([] when nft cannot list it)."""
+    try:
+        import nftables  # noqa: PLC0415 - lazy on purpose
+    except ImportError:
+        return []
+    import json
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, _err = nft.cmd("list ruleset")
+    if rc != 0 or not out:
+        return []
+    return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
