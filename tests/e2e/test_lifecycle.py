@@ -287,9 +287,12 @@ def test_firewall_wiped_sync_restores(sandbox, vh):
             sb.run(["iptables", "-t", t, "-F"])
             sb.run(["iptables", "-t", t, "-X"])
         sb.reload_libvirtd()
-    assert not _reach(ext, timeout=1).ok
-    st = vh.status_json()
-    assert st["guests"][0]["drift"], "status must show the drift"
+    # No manual step: the lease watcher the hook started (no systemd here)
+    # checks every 2 s that the firewall still holds what the records say,
+    # and re-applies (watch.py REPAIR_EVERY).
+    t0 = time.monotonic()
+    assert _reachable_soon(sb, ext, within=8)
+    print(f"wiped firewall: forward back after {time.monotonic() - t0:.2f} s with no manual step")
     vh.run(vh.cli_argv("sync"))
     assert _reach(ext).ok
     if sb.firewall_backend != "nftables":
