@@ -17,7 +17,11 @@ BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptab
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
-           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db)
+           lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db
+           docker.io ufw)
+    # docker.io and ufw are for tests/e2e/test_other_managers.py, which runs
+    # dockerd and ufw inside a sandbox's namespaces only; nothing of them may
+    # start on the host (see the policy-rc.d below).
 fi
 # The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
 # busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches
@@ -68,7 +72,22 @@ if [ "$CODENAME" = bookworm ]; then
     done
 fi
 apt-get update -q >/dev/null
+# docker.io's postinst starts dockerd through invoke-rc.d where there is no
+# systemd (containers, this CI), which would change the host's iptables. A
+# policy-rc.d that answers 101 ("action forbidden") for the apt run only,
+# unless the machine already has one of its own.
+policy=/usr/sbin/policy-rc.d
+own_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tests/deps.sh: no service starts during this apt run\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+fi
+trap 'if [ $own_policy = 1 ]; then rm -f "$policy"; fi' EXIT
 apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null
+if pgrep -x dockerd >/dev/null; then
+    echo "tests/deps.sh: warning: a dockerd runs on this host (not started by this script?)" >&2
+fi
 # The packages' postinst may have started nothing (no systemd), but be sure
 # no host libvirtd from the package interferes with the sandboxes.
 exit 0
