@@ -230,6 +230,14 @@ def dockerd(sb, tmp_path):
     d.close()
 
 
+def _assert_first_in_docker_user(sb):
+    """others.py's placement: vnethook's one accept heads DOCKER-USER (on
+    both backends: the iptables backend's own jump is below Docker's)."""
+    rules = [ln for ln in sb.run(["iptables", "-S", "DOCKER-USER"]).stdout.splitlines() if ln.startswith("-A")]
+    assert rules and "vnethook:forward" in rules[0], rules
+    assert sum("vnethook" in r for r in rules) == 1, rules
+
+
 def _forward_policy(sb):
     return sb.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()[0]
 
@@ -250,6 +258,7 @@ def test_docker_first_then_guest_restart_and_teardown(sb, vh, dockerd, tmp_path)
     _assert_forwards(ext)
     _assert_truthful_ok(vh)
     _assert_closed(ext, g)
+    _assert_first_in_docker_user(sb)
 
     # dockerd restart: it deletes and re-inserts its FORWARD jumps, never
     # touches DOCKER-USER's contents: the forward survives with no sync.
@@ -263,9 +272,11 @@ def test_docker_first_then_guest_restart_and_teardown(sb, vh, dockerd, tmp_path)
     worst, tries = finish()
     print(f"\n[{sb.firewall_backend}] dockerd restart ({took:.1f}s): longest outage "
           f"{worst * 1000:.0f} ms over {len(tries)} probes, {sum(not ok for _, ok in tries)} failed")
+    assert len(tries) > 10 and worst < 2.0, f"the dockerd restart cut the forward for {worst:.2f}s"
     _assert_forwards(ext)
     assert sorted(vh.our_rules()) == rules
     _assert_truthful_ok(vh)
+    _assert_first_in_docker_user(sb)
 
     sb.destroy("web1")
     assert not _reach(ext, timeout=1).ok
@@ -275,7 +286,7 @@ def test_docker_first_then_guest_restart_and_teardown(sb, vh, dockerd, tmp_path)
 
 
 @needs_docker
-def test_guest_first_then_dockerd(sb, vh, dockerd):
+def test_guest_first_then_dockerd(sb, vh, dockerd, tmp_path):
     vh.write_map(MAP)
     ext = sb.add_external()
     g = _guest(sb, "web1", 22)
@@ -294,6 +305,10 @@ def test_guest_first_then_dockerd(sb, vh, dockerd):
         # the accept into DOCKER-USER.
         assert not reached
         assert st.get("path_problems") or st["problems"], st
+        finish = _probe(sb, ext, tmp_path)  # the probe sees a cut (it is what measures outages)
+        time.sleep(0.8)
+        worst, tries = finish()
+        assert tries and not any(ok for _, ok in tries) and worst > 0.5, (worst, tries)
         vh.run(vh.cli_argv("sync"))
     else:
         # vnethook's own accepting jump is in the same iptables FORWARD
@@ -361,8 +376,15 @@ def test_ufw_enable_reload_default_disable(sb, vh, tmp_path):
              ("default deny routed", ["default", "deny", "routed"]),
              ("disable + enable", ["disable"], ["--force", "enable"])]
     for what, *cmds in steps:
+        finish = _probe(sb, ext, tmp_path)
+        time.sleep(0.3)
         for args in cmds:
             ufw(*args)
+        time.sleep(0.3)
+        worst, tries = finish()
+        print(f"\n[{sb.firewall_backend}] ufw {what}: longest outage {worst * 1000:.0f} ms "
+              f"over {len(tries)} probes")
+        assert worst < 1.0, f"ufw {what} cut the forward for {worst:.2f}s"
         assert _forward_policy(sb) == "-P FORWARD DROP", what
         try:
             _assert_forwards(ext)
