@@ -12,16 +12,16 @@ export DEBIAN_FRONTEND=noninteractive
 CODENAME="${VERSION_CODENAME:-}"
 
 BASE=(iptables nftables python3-nftables python3-lxml python3-yaml python3-iptables python3-systemd
-      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod python3-scapy)
+      busybox iproute2 procps dnsmasq-base qemu-system-x86 kmod python3-scapy python3-jeepney)
 # `--runtime`: just enough for ./try-it; otherwise also the test and packaging tools.
 if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
            lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db
-           docker.io ufw)
-    # docker.io and ufw are for tests/e2e/test_other_managers.py, which runs
-    # dockerd and ufw inside a sandbox's namespaces only; nothing of them may
-    # start on the host (see the policy-rc.d below).
+           dbus-daemon firewalld docker.io ufw)
+    # firewalld, docker.io and ufw are for the e2e sandboxes only
+    # (test_firewalld.py, test_other_managers.py run them inside a sandbox's
+    # namespaces): none of them may start on this host (see below).
 fi
 # The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
 # busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches
@@ -72,22 +72,43 @@ if [ "$CODENAME" = bookworm ]; then
     done
 fi
 apt-get update -q >/dev/null
-# docker.io's postinst starts dockerd through invoke-rc.d where there is no
-# systemd (containers, this CI), which would change the host's iptables. A
-# policy-rc.d that answers 101 ("action forbidden") for the apt run only,
-# unless the machine already has one of its own.
-policy=/usr/sbin/policy-rc.d
+# firewalld (tests/e2e/test_firewalld.py runs its own, on a private D-Bus)
+# and dockerd (test_other_managers.py) must not start on this host, nor at
+# its next boot: docker.io's postinst starts dockerd through invoke-rc.d
+# where there is no systemd (containers, this CI), which would change the
+# host's iptables. A policy-rc.d that refuses every start covers the
+# install (both invoke-rc.d and deb-systemd-invoke ask it); a fresh install
+# is disabled.
+fresh=()
+for p in firewalld docker.io; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || fresh+=("$p")
+done
 own_policy=0
-if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# tests/deps.sh: no service starts during this apt run\nexit 101\n' > "$policy"
-    chmod 755 "$policy"
+if [ ${#fresh[@]} -gt 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# tests/deps.sh: start nothing while installing\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
     own_policy=1
 fi
-trap 'if [ $own_policy = 1 ]; then rm -f "$policy"; fi' EXIT
-apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null
-if pgrep -x dockerd >/dev/null; then
-    echo "tests/deps.sh: warning: a dockerd runs on this host (not started by this script?)" >&2
+rc=0
+apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null || rc=$?
+if [ $own_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+[ $rc = 0 ] || exit $rc
+if command -v deb-systemd-helper >/dev/null; then
+    for p in "${fresh[@]}"; do
+        case $p in
+            firewalld) units=(firewalld.service) ;;
+            docker.io) units=(docker.service docker.socket containerd.service) ;;
+        esac
+        for u in "${units[@]}"; do
+            deb-systemd-helper disable "$u" >/dev/null 2>&1 || true
+        done
+    done
 fi
+for d in firewalld dockerd; do
+    if pgrep -x "$d" >/dev/null; then
+        echo "tests/deps.sh: warning: a $d runs on this host (not started by the tests)" >&2
+    fi
+done
 # The packages' postinst may have started nothing (no systemd), but be sure
 # no host libvirtd from the package interferes with the sandboxes.
 exit 0

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--idle-exit", type=float, default=30.0)
     sp.add_argument("--max-seconds", type=float, default=86400.0)
 
+    cmd("firewalld-listen", _firewalld_listen,
+        "follow firewalld on the system bus; re-apply forwards after each reload or restart")
+
     sp = cmd("hook", _hook, "run a hook event by hand: hook qemu|network NAME OP SUBOP EXTRA < XML")
     sp.add_argument("kind", choices=("qemu", "network"))
     sp.add_argument("args", nargs=argparse.REMAINDER)
@@ -222,6 +225,11 @@ def _status(args) -> int:
     st = Engine(paths, config).status()
     if config is None:
         st["problems"].insert(0, "the port map is invalid (see `vnethook check`)")
+    from vnethook.firewalld import strict_problem
+
+    strict = strict_problem(use_bus=True)
+    if strict:
+        st["problems"].insert(0, strict)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
@@ -326,6 +334,17 @@ def _watch(args) -> int:
     from vnethook.watch import run
 
     return run(get_paths(), interval=args.interval, idle_exit=args.idle_exit, max_seconds=args.max_seconds)
+
+
+def _firewalld_listen(args) -> int:
+    from vnethook.firewalld import NoDBus, listen
+    from vnethook.paths import get_paths
+
+    try:
+        return listen(get_paths(), initial=True)
+    except NoDBus as e:
+        sys.stderr.write(f"vnethook: firewalld-listen: {e}\n")
+        return 1
 
 
 def _hook(args) -> int:

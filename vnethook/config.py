@@ -1229,6 +1229,12 @@ def check_main(path: str | None) -> int:
 
     for w in taken([r for g in cfg.guests.values() for r in g.forwards], host_listeners()):
         print(w, file=sys.stderr)
+    from vnethook.firewalld import strict_problem
+
+    strict = strict_problem(use_bus=True)
+    if strict:
+        print(f"error: {strict}", file=sys.stderr)
+        return 1
     forwards = sum(len(g.forwards) for g in cfg.guests.values())
     print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s)")
     return 0

@@ -532,6 +532,22 @@ class Engine:
                 out.append(v)
         return out
 
+    def needs_repair(self):
+        """Why the firewall no longer holds what the records say (base or
+        a guest's rules gone: a flushed ruleset), or None. One listing."""
+        records = state.all_records(self.paths)
+        if not records:
+            return None
+        backend = self.backend()
+        snap = backend.snapshot()
+        if not snap.base_ok:
+            return f"firewall base: {snap.problems[0]}"
+        for key, rec in records.items():
+            if rec and rec.get("backend") == backend.name and not rec.get("pending"):
+                if set(rec.get("rules") or ()) - snap.guests.get(key, set()):
+                    return f"{rec.get('domain') or key}: recorded rules are missing from the firewall"
+        return None
+
     def _drop_orphan_base(self, backend, report) -> None:
         """No guest has forwards: nothing of ours may stay, not even the base.
 

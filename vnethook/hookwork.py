@@ -118,8 +118,21 @@ def _qemu(domain_name: str, op: str, data: bytes) -> int:
     engine = Engine(paths, config)
     plan = engine.apply_domain(domain, event=f"qemu {op}")
     if plan is not None:
+        if op in ("started", "reconnect"):
+            _warn_strict_forward_ports(domain.name)
         _maybe_watch_leases(paths, config, plan)
     return 0
+
+
+def _warn_strict_forward_ports(domain_name: str) -> None:
+    """firewalld's StrictForwardPorts=yes rejects every forward we make;
+    say so where the admin looks first (one file read, no D-Bus)."""
+    from vnethook.firewalld import strict_in_conf, strict_problem
+
+    if strict_in_conf():
+        from vnethook import log
+
+        log.error(strict_problem(use_bus=False), DOMAIN=domain_name)
 
 
 def _network(net_name: str, op: str, data: bytes) -> int:

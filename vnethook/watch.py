@@ -110,7 +110,25 @@ def _configured_running(paths, config) -> bool:
     return any(n.endswith(".xml") and n[:-4] in config.guests for n in names)
 
 
-def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0) -> int:
+# How often the watcher looks whether someone wiped our rules (an
+# `nft flush ruleset`, a `systemctl restart nftables` with no systemd unit
+# of ours to follow it): one listing of the firewall.
+REPAIR_EVERY = 2.0
+
+
+def _repair_if_wiped(engine, log) -> None:
+    try:
+        why = engine.needs_repair()
+        if why:
+            log.warning(f"lease watcher: {why}: re-applying (vnethook sync)")
+            for err in engine.sync(verify=True).errors:
+                log.error(f"lease watcher: {err}")
+    except Exception as e:  # keep watching; the next round retries
+        log.error(f"lease watcher: checking the firewall: {type(e).__name__}: {e}")
+
+
+def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0,
+        firewalld_listen: bool | None = None) -> int:
     """The watcher loop. Returns when idle, at the time bound, or if another runs."""
     fd = _try_lock(paths)
     if fd is None:
@@ -124,6 +142,18 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     start = time.monotonic()
     last = None
     idle_since = None
+    next_check = start + REPAIR_EVERY
+    # firewalld flushes every iptables table on reload and restart; while
+    # guests run, this watcher also follows firewalld on the system bus
+    # (what vnethook-firewalld.service does on systemd hosts).
+    # With systemd, vnethook-firewalld.service does it (one listener, not two).
+    listener = None
+    if firewalld_listen is None:
+        firewalld_listen = not os.path.isdir("/run/systemd/system")
+    if firewalld_listen:
+        from vnethook.firewalld import start_thread
+
+        listener = start_thread(paths)
     try:
         while time.monotonic() - start < max_seconds:
             stamps = _stamps(paths)
@@ -142,6 +172,9 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                     except Exception as e:  # keep watching; the next change retries
                         log.error(f"lease watcher: {type(e).__name__}: {e}")
                         last = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + REPAIR_EVERY
+                    _repair_if_wiped(Engine(paths, config), log)
                 if _configured_running(paths, config):
                     idle_since = None
                 else:
@@ -150,6 +183,8 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                         break
             time.sleep(interval)
     finally:
+        if listener is not None:
+            listener.set()
         os.close(fd)
     return 0
 

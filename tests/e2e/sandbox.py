@@ -48,6 +48,34 @@ NETPEER = os.path.join(TOOLS, "netpeer.py")
 UDHCPC_SCRIPT = os.path.join(TOOLS, "udhcpc-script")
 TC_WRAPPER = os.path.join(TOOLS, "tc-wrapper")
 HOLDER = os.path.join(TOOLS, "holder.py")
+FIREWALLD = os.path.join(TOOLS, "firewalld-sandbox.py")
+PROBE = os.path.join(TOOLS, "probe.py")
+# A private system bus: only the sandbox's firewalld, libvirtd and tests use it.
+DBUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=/run/dbus/system_bus_socket</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+FIREWALLD_CONF = """DefaultZone=public
+CleanupOnExit=yes
+CleanupModulesOnExit=no
+Lockdown=no
+IPv6_rpfilter=yes
+IndividualCalls=no
+LogDenied=off
+FirewallBackend=nftables
+FlushAllOnReload=yes
+RFC3964_IPv4=yes
+"""
 # The QEMU capabilities probe takes ~1 s per daemon start; a cache shared by
 # all sandboxes (but not the host's /var/cache/libvirt) keeps that cost once.
 CACHE_DIR = "/var/tmp/vnethook-e2e-libvirt-cache"
@@ -264,7 +292,8 @@ class Sandbox:
                  env: Optional[Mapping[str, str]] = None,
                  tmpdir: Optional[str] = None,
                  log_level: int = 3,
-                 iptables: str = "nft"):
+                 iptables: str = "nft",
+                 firewalld: bool = False):
         if firewall_backend not in ("iptables", "nftables"):
             raise ValueError(f"firewall_backend must be iptables or nftables, not {firewall_backend!r}")
         if iptables not in ("nft", "legacy"):
@@ -274,6 +303,11 @@ class Sandbox:
         # at iptables-legacy (a host where update-alternatives chose it):
         # libvirt then writes the legacy tables, and vnethook follows.
         self.iptables = iptables
+        # A private system D-Bus and a real firewalld (nftables backend),
+        # started before libvirtd so that libvirt sees firewalld.
+        self.firewalld = firewalld
+        self.firewalld_proc: Optional[subprocess.Popen] = None
+        self.dbus_proc: Optional[subprocess.Popen] = None
         self.env: Dict[str, str] = dict(env or {})
         self._own_tmpdir = tmpdir is None
         self.tmpdir = tmpdir or tempfile.mkdtemp(prefix="vnh-sandbox-")
@@ -324,6 +358,9 @@ class Sandbox:
         self._mount_private_trees()
         self.run(["ip", "link", "set", "lo", "up"])
         self.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        if self.firewalld:
+            self._start_dbus()
+            self.start_firewalld()
         self._start_daemons()
         self.timings["start"] = time.monotonic() - t0
 
@@ -394,8 +431,68 @@ class Sandbox:
         ]
         if self.iptables == "legacy":
             steps.append(["mount", "--bind", self.alternatives, "/etc/alternatives"])
+        if self.firewalld:
+            fw_etc = os.path.join(self.tmpdir, "etc-firewalld")
+            for sub in ("zones", "policies", "services", "icmptypes", "ipsets", "helpers"):
+                os.makedirs(os.path.join(fw_etc, sub), exist_ok=True)
+            with open(os.path.join(fw_etc, "firewalld.conf"), "w", encoding="ascii") as f:
+                f.write(FIREWALLD_CONF)
+            with open(os.path.join(self.tmpdir, "dbus.conf"), "w", encoding="ascii") as f:
+                f.write(DBUS_CONFIG)
+            os.makedirs(os.path.join(self.tmpdir, "var-log-firewalld"), exist_ok=True)
+            steps += [
+                ["mkdir", "-p", "/run/dbus", "/etc/firewalld"],
+                ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run/dbus"],
+                ["mount", "--bind", fw_etc, "/etc/firewalld"],
+            ]
         for argv in steps:
             self.run(argv)
+
+    # ---- D-Bus and firewalld (firewalld=True) ----------------------------
+    def _start_dbus(self, timeout: float = 10) -> None:
+        self.dbus_proc = subprocess.Popen(
+            self.enter_argv(["dbus-daemon", f"--config-file={self.tmpdir}/dbus.conf", "--nofork",
+                             "--nopidfile"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self._env(None))
+        self.wait_for(lambda: os.path.exists(self.path("/run/dbus/system_bus_socket")),
+                      timeout=timeout, interval=0.05, what="the sandbox's D-Bus")
+
+    def firewall_cmd(self, *args: str, timeout: float = 120) -> str:
+        return self.run(["firewall-cmd", *args], timeout=timeout).stdout.strip()
+
+    def start_firewalld(self, timeout: float = 60) -> float:
+        """Start firewalld and wait until it answers `--state`."""
+        t0 = time.monotonic()
+        log = os.path.join(self.tmpdir, "firewalld.log")
+        self.firewalld_proc = subprocess.Popen(
+            self.enter_argv([PYTHON, FIREWALLD, "--nofork", "--nopid", "--log-target", "file",
+                             "--log-file", log]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self._env(None))
+
+        def up():
+            if self.firewalld_proc.poll() is not None:
+                raise SandboxError(f"firewalld exited ({self.firewalld_proc.returncode}): "
+                                   + _tail(log, 20))
+            return self.run(["firewall-cmd", "--state"], check=False, timeout=30).returncode == 0
+
+        self.wait_for(up, timeout=timeout, interval=0.1, what="firewalld --state")
+        self.timings["firewalld_start"] = time.monotonic() - t0
+        return self.timings["firewalld_start"]
+
+    def stop_firewalld(self, timeout: float = 30) -> None:
+        """SIGTERM firewalld (by pid) and wait for it to exit."""
+        p = self.firewalld_proc
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+        self.firewalld_proc = None
 
     def _start_daemons(self) -> None:
         self.run(["virtlogd", "-d", "-p", "/run/libvirt/vnethook-sandbox/virtlogd.pid"])
@@ -502,6 +599,10 @@ class Sandbox:
             for net in self._virsh_names(["net-list", "--name"], errors):
                 _try(errors, self.virsh, "net-destroy", net, check=False, timeout=60)
             _try(errors, self.stop_libvirtd, 45, 10)
+        _try(errors, self.stop_firewalld)
+        if self.dbus_proc is not None and self.dbus_proc.poll() is None:
+            self.dbus_proc.terminate()
+            _try(errors, self.dbus_proc.wait, 10)
         vl = self._daemon_pid("virtlogd") if self.pid is not None else None
         if vl is not None:
             _try(errors, os.kill, vl, signal.SIGTERM)
@@ -906,6 +1007,14 @@ def interface_xml(mac: str, network: str) -> ET.Element:
     ET.SubElement(iface, "model", type="virtio")
     ET.SubElement(iface, "rom", enabled="no")
     return iface
+
+
+def _tail(path: str, n: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

@@ -140,3 +140,36 @@ def test_status_names_a_drop_it_cannot_fix(served):
     doc = host.cli("doctor", "g0", "8000")
     assert doc.returncode == 0 and b"FAIL" not in doc.stdout, doc.stdout.decode()
     assert b"g0: *:8000 -> 192.0.2.10:80/tcp installed" in doc.stdout
+
+
+def test_watcher_repairs_a_flushed_ruleset(served):
+    """`nft flush ruleset` (nftables.service's usual config) wipes libvirt's
+    tables and ours; libvirt rebuilds its own on its next reload. Without
+    systemd, the watcher the hook starts notices our rules are gone and puts
+    them back with no manual step."""
+    import subprocess
+    import time
+
+    host = served
+    host.write_map(MAP)
+    assert host.started("g0", [MAC]).returncode == 0
+    assert _works(host)
+    w = subprocess.Popen(host.cli_argv("watch", "--interval", "0.1", "--idle-exit", "60", "--max-seconds", "60"),
+                         env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        host.topo.exec("host", "nft", "flush", "ruleset")
+        if host.backend == "iptables-legacy":
+            for t in ("iptables-legacy", "ip6tables-legacy"):
+                for table in ("filter", "nat"):
+                    host.topo.exec("host", t, "-t", table, "-F")
+                    host.topo.exec("host", t, "-t", table, "-X")
+        host.topo.load_libvirt(host.backend)  # libvirt's reload rebuilds its own rules
+        t0 = time.monotonic()
+        while not _works(host):
+            assert time.monotonic() - t0 < 8, "the watcher did not repair the forwards"
+            time.sleep(0.2)
+        assert _status(host)[0] == 0
+    finally:
+        w.terminate()
+        w.wait(10)

@@ -20,7 +20,8 @@ HOOKS = {
     "/etc/libvirt/hooks/network.d/vnethook": "/usr/libexec/vnethook/hooks/network",
 }
 UNITS = ("vnethook-sync.service", "vnethook-sync.timer", "vnethook-sync-periodic.service",
-         "vnethook-leases.path", "vnethook-leases.service")
+         "vnethook-leases.path", "vnethook-leases.service",
+         "vnethook-firewalld.service")
 UNIT_DIRS = ("/lib/systemd/system", "/usr/lib/systemd/system")
 FILES = (
     "/usr/bin/vnethook",
@@ -40,6 +41,7 @@ GONE_AFTER_PURGE = FILES + tuple(HOOKS) + (
     "/etc/systemd/system/paths.target.wants/vnethook-leases.path",
     "/etc/systemd/system/timers.target.wants/vnethook-sync.timer",
     "/var/lib/vnethook",
+    "/etc/systemd/system/firewalld.service.wants/vnethook-firewalld.service",
 )
 
 
@@ -65,7 +67,7 @@ def test_control_fields(vnethook_deb):
     assert _field(vnethook_deb, "Version") == _version()
     depends = [d.strip() for d in _field(vnethook_deb, "Depends").split(",")]
     for dep in ("python3-lxml", "python3-yaml", "python3-iptables", "python3-nftables",
-                "python3-systemd", "iptables | nftables"):
+                "python3-systemd", "python3-jeepney", "iptables | nftables"):
         assert dep in depends, depends
     assert any(d.split()[0] in ("python3", "python3:any") for d in depends), depends  # ${python3:Depends}
     assert "libvirt-daemon-system" in _field(vnethook_deb, "Recommends")

@@ -21,6 +21,7 @@ EXPECTED = (
     "/usr/lib/systemd/system/vnethook-sync-periodic.service",
     "/usr/lib/systemd/system/vnethook-leases.path",
     "/usr/lib/systemd/system/vnethook-leases.service",
+    "/usr/lib/systemd/system/vnethook-firewalld.service",
     "/usr/lib/systemd/system-preset/50-vnethook.preset",
     "/usr/share/bash-completion/completions/vnethook",
 )
@@ -55,7 +56,7 @@ def test_rpm_hooks_are_symlinks_config_is_noreplace(vnethook_rpm):
 
 def test_rpm_dependencies(vnethook_rpm):
     requires = run(["rpm", "-qpR", vnethook_rpm]).stdout.splitlines()
-    for dep in ("python3-lxml", "python3-pyyaml", "python3-nftables", "python3-systemd"):
+    for dep in ("python3-lxml", "python3-pyyaml", "python3-nftables", "python3-systemd", "python3-jeepney"):
         assert dep in requires, requires
     # python-iptables only serves the legacy backend: weak, not required
     assert not any("iptables" in r and r.startswith("python") for r in requires), requires

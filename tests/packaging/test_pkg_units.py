@@ -19,7 +19,8 @@ from debpkg import REPO, run
 
 UNIT_SRC = os.path.join(REPO, "packaging", "systemd")
 UNITS = ("vnethook-sync.service", "vnethook-sync.timer", "vnethook-sync-periodic.service",
-         "vnethook-leases.path", "vnethook-leases.service")
+         "vnethook-leases.path", "vnethook-leases.service",
+         "vnethook-firewalld.service")
 
 
 @pytest.fixture
@@ -114,3 +115,12 @@ def test_unit_wiring():
     assert "RemainAfterExit" not in periodic["Service"]
     assert periodic["Service"]["ExecStart"].split() == ["/usr/bin/vnethook", "sync"]
     assert "Install" not in periodic  # static: only the timer starts it
+
+    # firewall-cmd --reload never reaches systemd: this one follows D-Bus,
+    # and is restarted with firewalld (then re-applies once on start).
+    fw = _unit("vnethook-firewalld.service")
+    assert fw["Service"]["ExecStart"] == "/usr/bin/vnethook firewalld-listen"
+    assert fw["Service"]["Type"] == "simple"
+    assert fw["Unit"]["PartOf"] == "firewalld.service"
+    assert "firewalld.service" in fw["Unit"]["After"].split()
+    assert fw["Install"]["WantedBy"] == "firewalld.service"
