@@ -18,7 +18,10 @@ if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
            lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db
-           dbus-daemon firewalld)
+           dbus-daemon firewalld docker.io ufw)
+    # firewalld, docker.io and ufw are for the e2e sandboxes only
+    # (test_firewalld.py, test_other_managers.py run them inside a sandbox's
+    # namespaces): none of them may start on this host (see below).
 fi
 # The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
 # busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches
@@ -69,28 +72,43 @@ if [ "$CODENAME" = bookworm ]; then
     done
 fi
 apt-get update -q >/dev/null
-# firewalld is for the e2e sandbox only (tests/e2e/test_firewalld.py runs its
-# own, on a private D-Bus): it must not start on this host, nor at its next
-# boot. A policy-rc.d that refuses every start covers the install (both
-# invoke-rc.d and deb-systemd-invoke ask it); a fresh install is disabled.
-fw_new=0
-dpkg-query -W -f='${Status}' firewalld 2>/dev/null | grep -q "install ok installed" || fw_new=1
+# firewalld (tests/e2e/test_firewalld.py runs its own, on a private D-Bus)
+# and dockerd (test_other_managers.py) must not start on this host, nor at
+# its next boot: docker.io's postinst starts dockerd through invoke-rc.d
+# where there is no systemd (containers, this CI), which would change the
+# host's iptables. A policy-rc.d that refuses every start covers the
+# install (both invoke-rc.d and deb-systemd-invoke ask it); a fresh install
+# is disabled.
+fresh=()
+for p in firewalld docker.io; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || fresh+=("$p")
+done
 own_policy=0
-if [ $fw_new = 1 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+if [ ${#fresh[@]} -gt 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\n# tests/deps.sh: start nothing while installing\nexit 101\n' > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
     own_policy=1
 fi
 rc=0
 apt-get install "${apt_opts[@]}" "${BASE[@]}" "${lv_pkgs[@]}" >/dev/null || rc=$?
-[ $own_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+if [ $own_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 [ $rc = 0 ] || exit $rc
-if [ $fw_new = 1 ] && command -v deb-systemd-helper >/dev/null; then
-    deb-systemd-helper disable firewalld.service >/dev/null 2>&1 || true
+if command -v deb-systemd-helper >/dev/null; then
+    for p in "${fresh[@]}"; do
+        case $p in
+            firewalld) units=(firewalld.service) ;;
+            docker.io) units=(docker.service docker.socket containerd.service) ;;
+        esac
+        for u in "${units[@]}"; do
+            deb-systemd-helper disable "$u" >/dev/null 2>&1 || true
+        done
+    done
 fi
-if pgrep -x firewalld >/dev/null; then
-    echo "tests/deps.sh: warning: a firewalld runs on this host (not started by the tests)" >&2
-fi
+for d in firewalld dockerd; do
+    if pgrep -x "$d" >/dev/null; then
+        echo "tests/deps.sh: warning: a $d runs on this host (not started by the tests)" >&2
+    fi
+done
 # The packages' postinst may have started nothing (no systemd), but be sure
 # no host libvirtd from the package interferes with the sandboxes.
 exit 0
