@@ -82,10 +82,23 @@ def test_ufw_gets_it_at_the_head_of_forward_ahead_of_its_reject():
     assert others.changes(moved, active=True) == [f"-D FORWARD {SPEC}", f"-I FORWARD 1 {SPEC}"]
 
 
-def test_nothing_where_no_manager_is():
+def test_ahead_of_time_where_the_flavour_has_a_forward_chain():
+    """No manager yet: the accept still goes to the head of FORWARD, so a
+    Docker or ufw started later under running guests cannot cut them."""
     v = others.parse(PLAIN)
-    assert others.placement(v) is None and others.changes(v, active=True) == []
+    assert others.placement(v) == "FORWARD"
+    assert others.changes(v, active=True) == [f"-I FORWARD 1 {SPEC}"]
+    assert others.changes(v, active=True, covered=True) == []  # an iptables backend's own jump serves
     assert others.verdict(v, "legacy", 4) is None
+    # Docker starts later: its jumps above ours, policy DROP; ours still accepts first.
+    later = others.parse(with_rule(PLAIN, "FORWARD", first=False).replace(":FORWARD ACCEPT", ":FORWARD DROP")
+                         .replace(f"-A FORWARD {SPEC}", f"-A FORWARD -j DOCKER-USER\n-A FORWARD {SPEC}")
+                         .replace(":OUTPUT", ":DOCKER-USER - [0:0]\n:OUTPUT")
+                         .replace("COMMIT", "-A DOCKER-USER -j RETURN\nCOMMIT"))
+    assert others.verdict(later, "nft", 4) is None
+
+
+def test_nothing_where_the_flavour_has_no_filter_table():
     assert others.parse("") is None and others.changes(None, True) == []
 
 

@@ -162,10 +162,17 @@ def managed(view: FilterView) -> bool:
 
 def placement(view: FilterView) -> "Optional[str]":
     """Where our accept belongs: DOCKER-USER when FORWARD jumps to it, else
-    FORWARD when another manager is there, else nowhere."""
+    the head of FORWARD wherever this flavour has a FORWARD chain at all.
+
+    Ahead of time, not only once a manager is there: a dockerd or ufw that
+    starts later under running guests inserts its jumps above ours and sets
+    policy DROP, and ours (below their returning jumps) still accepts before
+    that policy, with no hook or sync in between. A host whose flavour has
+    no filter table gets none from us (only `ensure` with a view adds rules).
+    """
     if DOCKER_USER in view.rules and any(_target(s)[0] == DOCKER_USER for s in view.forward):
         return DOCKER_USER
-    if managed(view):
+    if "FORWARD" in view.rules:
         return "FORWARD"
     return None
 
