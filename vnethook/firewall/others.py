@@ -279,6 +279,19 @@ def legacy_loaded(proc: str = "/proc/net") -> "Dict[int, bool]":
     return out
 
 
+def _nft_filter_tables() -> "set":
+    """Families whose iptables-nft filter table exists (nft's table list)."""
+    try:
+        import nftables  # noqa: PLC0415 - lazy on purpose
+    except ImportError:
+        return {4, 6}  # cannot tell: let the listing decide, as before
+    rc, out, _err = nftables.Nftables().cmd("list tables")
+    if rc != 0:
+        return {4, 6}
+    have = set(out.split("\n"))
+    return {fam for fam, name in ((4, "table ip filter"), (6, "table ip6 filter")) if name in have}
+
+
 def views(flavours: "Iterable[str]" = FLAVOURS) -> "Dict[Tuple[str, int], Optional[FilterView]]":
     """Every flavour's and family's filter table (None where there is none).
 
@@ -289,9 +302,12 @@ def views(flavours: "Iterable[str]" = FLAVOURS) -> "Dict[Tuple[str, int], Option
 
     out: "Dict[Tuple[str, int], Optional[FilterView]]" = {}
     legacy = legacy_loaded()
+    nft = _nft_filter_tables()
     for flavour in flavours:
         for fam in (4, 6):
-            if flavour == "legacy" and not legacy[fam]:
+            if (flavour == "legacy" and not legacy[fam]) or (flavour == "nft" and fam not in nft):
+                # iptables-nft-save prints builtin chains even for a table
+                # that does not exist; adding to them would create it.
                 out[(flavour, fam)] = None
                 continue
             tool = f"ip{'6' if fam == 6 else ''}tables-{flavour}-save"
