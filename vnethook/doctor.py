@@ -110,7 +110,7 @@ def run(paths, domain_name: "Optional[str]" = None, port: "Optional[int]" = None
             r.fail(f"{path} is 0: the host forwards nothing", "start the libvirt network (it turns forwarding on)")
         elif v == "1" and fam in fams:
             r.ok(f"{path} is 1")
-    others = [p for p in engine._path_problems(set()) if not p.startswith("dropped: /proc")]
+    others = engine.manager_problems()
     for p in others:
         r.fail(p, "vnethook sync; if it stays, the named rule belongs to another manager: allow the "
                   "DNATed traffic there, or remove the rule")

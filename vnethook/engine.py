@@ -508,9 +508,7 @@ class Engine:
 
     def _path_problems(self, v6_flags: set) -> list:
         """What would drop every forwarded connection, past our own rules:
-        ip forwarding off, another manager's FORWARD chain (firewall/others.py)."""
-        from vnethook.firewall import others
-
+        ip forwarding off, another manager's filter on the forward hook."""
         out = []
         for fam, path in ((4, "/proc/sys/net/ipv4/ip_forward"), (6, "/proc/sys/net/ipv6/conf/all/forwarding")):
             if fam == 6 and True not in v6_flags:
@@ -521,11 +519,20 @@ class Engine:
                         out.append(f"dropped: {path} is 0 (IPv{fam} forwarding off; libvirt turns it on with a NAT network)")
             except OSError:
                 pass
+        return out + self.manager_problems()
+
+    def manager_problems(self) -> list:
+        """Other managers' filters on the forward hook that drop our DNATed
+        connections: iptables FORWARD chains of either flavour and native
+        nftables base chains (firewall/others.py)."""
+        from vnethook.firewall import others
+
+        out = []
         mine = getattr(self.backend(), "forward_flavour", None)
         try:
             views = others.views()
         except Exception as e:
-            return out + [f"cannot list other managers' FORWARD chains: {e}"]
+            return [f"cannot list other managers' FORWARD chains: {e}"]
         for (flavour, fam), view in sorted(views.items()):
             v = others.verdict(view, flavour, fam, jump_first=flavour == mine)
             if v:
