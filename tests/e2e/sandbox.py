@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,8 @@ TC_WRAPPER = os.path.join(TOOLS, "tc-wrapper")
 HOLDER = os.path.join(TOOLS, "holder.py")
 FIREWALLD = os.path.join(TOOLS, "firewalld-sandbox.py")
 PROBE = os.path.join(TOOLS, "probe.py")
+# Counters and handles in `nft list ruleset` / iptables-save output.
+COUNTERS = re.compile(r"[ \t]*counter packets \d+ bytes \d+[ \t]*|\[\d+:\d+\]|[ \t]*# handle \d+")
 # A private system bus: only the sandbox's firewalld, libvirtd and tests use it.
 DBUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -555,9 +558,13 @@ class Sandbox:
         pid = self.libvirtd_pid()
         if pid is None:
             raise SandboxError("libvirtd is not running")
-        before = self.ruleset()
+        # Without counters: traffic through the rules during the reload
+        # would otherwise keep the ruleset "changing" until the timeout.
+        def rules() -> str:
+            return COUNTERS.sub("", self.ruleset())
+        before = rules()
         os.kill(pid, signal.SIGHUP)
-        self.wait_stable(self.ruleset, settle=settle, timeout=timeout, first=before)
+        self.wait_stable(rules, settle=settle, timeout=timeout, first=before)
 
     def ruleset(self) -> str:
         """The sandbox's whole firewall: nft list ruleset (covers iptables-nft)

@@ -15,14 +15,14 @@ answers again, for a restart) the forward answered.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
 
 import pytest
 
-from sandbox import PROBE, PYTHON, Sandbox, _readline_timeout, mac_for
+from outage import Probe
+from sandbox import mac_for
 from vnethook_env import VnethookEnv
 
 pytestmark = [
@@ -45,38 +45,6 @@ def fsb(make_sandbox, request):
 
 def _reach(ext, port=8080, timeout=1.0):
     return ext.connect_tcp(HOST_EXT, port, "ping", timeout=timeout)
-
-
-class Probe:
-    def __init__(self, sb: Sandbox, ext, port: int, interval: float = 0.05):
-        self.log = os.path.join(sb.tmpdir, f"probe-{port}.log")
-        self.proc = subprocess.Popen(ext.argv([PYTHON, PROBE, HOST_EXT, str(port), str(interval), self.log]),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=sb._env(None))
-        assert _readline_timeout(self.proc, 10).strip() == b"ready"
-
-    def samples(self, since: float):
-        with open(self.log, encoding="ascii") as f:
-            out = [(float(t), ok == "1") for t, ok in (ln.split() for ln in f if ln.strip())]
-        return [s for s in out if s[0] >= since]
-
-    def outage(self, since: float, done: float):
-        """(longest failed stretch, first answer after `done` - done), seconds."""
-        s = self.samples(since)
-        longest, start = 0.0, None
-        for t, ok in s:
-            if not ok and start is None:
-                start = t
-            elif ok and start is not None:
-                longest, start = max(longest, t - start), None
-        after = next((t for t, ok in s if ok and t >= done), None)
-        # Down before `done` and up again at `after`: time to recover.
-        return longest, (max(0.0, after - done) if after is not None else None)
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
 
 
 def _wait_back(sb, ext, within=10):
@@ -111,7 +79,7 @@ def test_reload_complete_reload_restart(fsb, tmp_path):
     try:
         sb.wait_for(lambda: b"following firewalld" in (tmp_path / "listener.log").read_bytes(),
                     timeout=15, what="the listener to subscribe")
-        probe = Probe(sb, ext, 8080)
+        probe = Probe(sb, ext, HOST_EXT, 8080)
         figures = {}
         for kind in ("reload", "complete-reload", "restart"):
             t0 = time.monotonic()

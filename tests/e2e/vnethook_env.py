@@ -10,11 +10,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shlex
 import textwrap
 
-from sandbox import PYTHON
+from sandbox import COUNTERS as _COUNTERS, PYTHON
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTALLED = os.environ.get("VNETHOOK_E2E_INSTALLED") == "1"
@@ -23,7 +22,6 @@ INSTALLED_HOOKS = {"qemu": "/etc/libvirt/hooks/qemu.d/vnethook", "network": "/et
 # others.py's "vnethook:forward" accept in DOCKER-USER/FORWARD shows only as
 # its ct mark bit (no one else uses it).
 _OURS_MARK = "0x2000000"
-_COUNTERS = re.compile(r"[ \t]*counter packets \d+ bytes \d+[ \t]*|\[\d+:\d+\]|[ \t]*# handle \d+")
 
 # A hook wrapper: libvirt clears the environment, so the test's VNETHOOK_*
 # settings are baked in; the hook's stderr is both passed on to libvirt
