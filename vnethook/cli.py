@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-reload", action="store_true")
 
     sp = cmd("watch", _watch, "follow DHCP lease changes (started by the hook when systemd is absent)")
-    sp.add_argument("--interval", type=float, default=0.25)
+    sp.add_argument("--interval", type=float, default=0.25,
+                    help="seconds between looks at the lease files where inotify cannot watch them")
+    sp.add_argument("--repair-every", type=float, default=2.0,
+                    help="seconds between checks that the firewall still holds our rules")
     sp.add_argument("--idle-exit", type=float, default=30.0)
     sp.add_argument("--max-seconds", type=float, default=86400.0)
 
@@ -333,7 +336,8 @@ def _watch(args) -> int:
     from vnethook.paths import get_paths
     from vnethook.watch import run
 
-    return run(get_paths(), interval=args.interval, idle_exit=args.idle_exit, max_seconds=args.max_seconds)
+    return run(get_paths(), interval=args.interval, idle_exit=args.idle_exit, max_seconds=args.max_seconds,
+               repair_every=args.repair_every)
 
 
 def _firewalld_listen(args) -> int:

@@ -8,8 +8,16 @@ No hook fires for that. Two mechanisms notice it:
   starts `vnethook-sync.service` (packaging/systemd).
 - anything else: the hook spawns this watcher, fully detached (new session,
   stdio on /dev/null, so libvirt does not wait for it). One per host,
-  guarded by a lock. It polls the lease files' stamps, re-plans on change,
-  and exits when no configured guest is running or after a time bound.
+  guarded by a lock. It sleeps on inotify (polling only where that is not
+  available), re-plans when a lease file changed, and exits when no
+  configured guest is running or after a time bound.
+
+No lost wakeup: a hook that relies on the watcher first writes a fresh
+token to `watch.want`, then looks at the lock. A watcher that has decided
+to exit first releases the lock, then reads the token again: if a hook
+wrote one since the watcher last looked, it takes the lock back and stays.
+Either the hook saw the lock free (and spawned a new watcher), or it wrote
+its token before the release (and the exiting watcher sees it).
 """
 
 from __future__ import annotations
@@ -34,6 +42,46 @@ def systemd_handles_leases() -> bool:
 
 def _lock_path(paths) -> str:
     return os.path.join(paths.state_dir, "watch.lock")
+
+
+def _want_path(paths) -> str:
+    return os.path.join(paths.state_dir, "watch.want")
+
+
+def want_watcher(paths) -> None:
+    """Leave a token that no exiting watcher can miss (see the module doc)."""
+    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
+    fd = os.open(_want_path(paths), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()} {time.monotonic_ns()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _read_want(paths) -> bytes:
+    try:
+        with open(_want_path(paths), "rb") as f:
+            return f.read(100)
+    except OSError:
+        return b""
+
+
+def _take_lock(paths):
+    """The watcher's lock, with our pid in it (so `vnethook flush` can stop us)."""
+    fd = _try_lock(paths)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def release_or_stay(paths, fd: int, want_seen: bytes):
+    """Release the lock on exit; return a re-taken lock fd if a hook asked
+    for a watcher meanwhile (its token differs from `want_seen`), else None."""
+    os.close(fd)
+    if _read_want(paths) == want_seen:
+        return None
+    return _take_lock(paths)  # None: a new watcher already has it
 
 
 def _try_lock(paths):
@@ -63,6 +111,7 @@ def ensure_watcher(paths, mode: str = "auto") -> bool:
         return False
     if mode == "auto" and systemd_handles_leases():
         return False
+    want_watcher(paths)
     if watcher_running(paths):
         return False
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,21 +177,25 @@ def _repair_if_wiped(engine, log) -> None:
 
 
 def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: float = 86400.0,
-        firewalld_listen: bool | None = None) -> int:
-    """The watcher loop. Returns when idle, at the time bound, or if another runs."""
-    fd = _try_lock(paths)
+        firewalld_listen: bool | None = None, repair_every: float = REPAIR_EVERY) -> int:
+    """The watcher loop. Returns when idle, at the time bound, or if another runs.
+
+    `interval` is the polling period where inotify cannot watch the lease
+    directory (it does not exist yet, or inotify is unavailable)."""
+    fd = _take_lock(paths)
     if fd is None:
         return 0
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())  # so `vnethook flush` can stop us
     from vnethook import log
     from vnethook.config import ConfigError, load_config_cached
     from vnethook.engine import Engine
+    from vnethook.inotify import DirWatch
 
     start = time.monotonic()
     last = None
     idle_since = None
-    next_check = start + REPAIR_EVERY
+    want_seen = _read_want(paths)
+    next_check = start + repair_every
+    dirs = DirWatch([paths.dnsmasq_dir])
     # firewalld flushes every iptables table on reload and restart; while
     # guests run, this watcher also follows firewalld on the system bus
     # (what vnethook-firewalld.service does on systemd hosts).
@@ -155,7 +208,16 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
 
         listener = start_thread(paths)
     try:
-        while time.monotonic() - start < max_seconds:
+        while True:
+            if time.monotonic() - start >= max_seconds:
+                fd = release_or_stay(paths, fd, want_seen)
+                if fd is None:
+                    break
+                start, want_seen = time.monotonic(), _read_want(paths)
+            dirs.rearm()
+            want = _read_want(paths)
+            if want != want_seen:
+                want_seen, idle_since = want, None
             stamps = _stamps(paths)
             try:
                 config = load_config_cached(paths)
@@ -173,19 +235,28 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                         log.error(f"lease watcher: {type(e).__name__}: {e}")
                         last = None
                 if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + REPAIR_EVERY
+                    next_check = time.monotonic() + repair_every
                     _repair_if_wiped(Engine(paths, config), log)
                 if _configured_running(paths, config):
                     idle_since = None
                 else:
                     idle_since = idle_since or time.monotonic()
                     if time.monotonic() - idle_since > idle_exit:
-                        break
-            time.sleep(interval)
+                        fd = release_or_stay(paths, fd, want_seen)
+                        if fd is None:
+                            break
+                        want_seen, idle_since = _read_want(paths), None
+                        continue
+            wait = next_check - time.monotonic()
+            if not dirs.complete or last is None:
+                wait = min(wait, interval)
+            dirs.wait(wait)
     finally:
+        dirs.close()
         if listener is not None:
             listener.set()
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     return 0
 
 
