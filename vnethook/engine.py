@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import time
+
 from vnethook import log, state
 from vnethook.fsutil import atomic_write
 from vnethook.lock import Lock
-from vnethook.model import Forward, guest_key
+from vnethook.model import guest_key
 
 
 class StateDirError(Exception):
@@ -81,7 +82,7 @@ class Engine:
     def plan_domain(self, domain, hook_network=None, now: float | None = None):
         """Plan one running domain from config, libvirt files and leases."""
         from vnethook import libvirt
-        from vnethook.plan import Plan, plan_guest
+        from vnethook.plan import plan_guest
 
         guest = self.config.guests.get(domain.name) if self.config else None
         if guest is None:

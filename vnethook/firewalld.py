@@ -310,6 +310,7 @@ def listen(paths, stop=None, on_done=None, retry: float = 5.0, initial: bool = F
     nothing while there is no system bus (the watcher, on any host)."""
     _jeepney()
     from jeepney import MatchRule, message_bus
+
     from vnethook import log
 
     said = None

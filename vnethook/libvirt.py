@@ -20,6 +20,11 @@ wrote, so comparisons anywhere else can be plain string equality.
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
 import os
 
 from vnethook.model import Value

@@ -7,6 +7,11 @@ nftables) is loaded, by get_backend().
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
+
 import os
 
 from vnethook.firewall.base import Backend, FirewallError

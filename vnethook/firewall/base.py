@@ -25,6 +25,11 @@ libvirt's forward chain, which is also tagged.
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Sequence, Set
+
 import abc
 
 from vnethook.model import Forward, Value, factory

@@ -26,6 +26,11 @@ them missing; a guest's own chains are declared on purpose, to refill them
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
 import os
 
 from vnethook.firewall import iptables_rules as ir

@@ -43,6 +43,11 @@ Only stdlib here: the hook path imports this module.
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
 from vnethook.firewall.base import TAG
 from vnethook.model import Forward, Value, factory
 

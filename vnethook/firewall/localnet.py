@@ -38,7 +38,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Dict, Iterable, List, Optional, Tuple
+    from typing import Dict, Iterable, List, Optional
 
 # json and the nftables binding are imported where used: `stopped` calls
 # ensure() only when the state file says something may need undoing.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-
 AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER = 16, 3, 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4

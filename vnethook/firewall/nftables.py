@@ -60,9 +60,13 @@ pay for it unless this backend is in use.
 
 from __future__ import annotations
 
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
 import ipaddress
 import json
-import os
 import re
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
