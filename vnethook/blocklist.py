@@ -99,4 +99,4 @@ def blocks(paths, name: "str | None") -> bool:
     if not name:
         return False
     names = read(paths.state_dir)
-    return bool(names) and name.encode("utf-8", "surrogateescape") in names
+    return names is not None and name.encode("utf-8", "surrogateescape") in names

@@ -128,6 +128,7 @@ def _plan(args) -> int:
     config = _load(paths)
     if config is None:
         return 1
+    domain: "libvirt.Domain | None"
     if args.domain_xml:
         with open(args.domain_xml, "rb") as f:
             domain = libvirt.parse_domain(f.read(), source=args.domain_xml)
@@ -151,6 +152,7 @@ def _plan(args) -> int:
                 )
                 return 1
             sys.stderr.write(f"vnethook: {args.domain} is not running: planned from {defined}\n")
+    assert domain is not None
     if domain.name != args.domain:
         sys.stderr.write(f"vnethook: the XML describes '{domain.name}', not '{args.domain}'\n")
         return 1
@@ -290,7 +292,7 @@ def _sync(args) -> int:
         print(f"updated {name}")
     for name in report.removed:
         print(f"removed {name}")
-    for name, why in report.waiting.items():
+    for why in report.waiting.values():
         for w in why:
             print(f"waiting: {w}")
     for p in report.problems:

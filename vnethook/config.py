@@ -754,7 +754,7 @@ class _Validator:
         if not isinstance(node, y.MappingNode):
             self.add(node, f"the top level is {self.what(node)} (expected a mapping with 'settings' and/or 'guests')")
             return
-        for key, knode, vnode in self.items(node, "at the top level", TOP_KEYS):
+        for key, _knode, vnode in self.items(node, "at the top level", TOP_KEYS):
             if key == "settings":
                 self.check_settings(vnode)
             else:
@@ -810,7 +810,7 @@ class _Validator:
         if isinstance(node, y.SequenceNode):
             fnode = node
         elif isinstance(node, y.MappingNode):
-            for key, kn, vn in self.items(node, f"in guest '{name}'", GUEST_KEYS):
+            for key, _kn, vn in self.items(node, f"in guest '{name}'", GUEST_KEYS):
                 if key == "address":
                     addresses = self.guest_addresses(vn)
                 elif key == "interface":

@@ -85,8 +85,8 @@ def run(paths, domain_name: "Optional[str]" = None, port: "Optional[int]" = None
         for _rule, _fam, why in plan.pending:
             r.fail(f"{n}: a forward is pending: {why}",
                    "wait for the guest's DHCP lease, or set `address:` in the map")
-        for e in plan.errors:
-            r.fail(f"{n}: {e}", "fix the map entry it names")
+        for err in plan.errors:
+            r.fail(f"{n}: {err}", "fix the map entry it names")
         rec = state.read(paths, guest_key(n))
         want = [f for f in plan.forwards if port is None or f.host_ports[0] <= port <= f.host_ports[1]]
         if port is not None and not want and not plan.pending:

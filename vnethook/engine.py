@@ -648,7 +648,7 @@ class Engine:
     # ------------------------------------------------------------ status
     def status(self) -> dict:
         name, reason = self.selected_backend(redetect=True)
-        out = {"backend": {"name": name, "reason": reason}, "guests": [], "problems": [], "warnings": []}
+        out: dict = {"backend": {"name": name, "reason": reason}, "guests": [], "problems": [], "warnings": []}
         try:
             snap = self.backend().snapshot()
         except Exception as e:

@@ -29,7 +29,7 @@ DEFAULT_CONF = "/etc/firewalld/firewalld.conf"
 SYSTEM_BUS = "/run/dbus/system_bus_socket"
 
 # libvirt's iptables chains (filter and nat) and the jumps to them.
-LIBVIRT_JUMPS = {
+LIBVIRT_JUMPS: "dict[str, dict[str, tuple]]" = {
     "filter": {"FORWARD": ("LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO"),
                "INPUT": ("LIBVIRT_INP",), "OUTPUT": ("LIBVIRT_OUT",)},
     "nat": {"POSTROUTING": ("LIBVIRT_PRT",)},
@@ -171,7 +171,7 @@ def _iptables_save(flavour: str, table: str) -> str | None:
 def _bridges(paths) -> list:
     from vnethook import libvirt
 
-    out = []
+    out: list = []
     try:
         names = sorted(os.listdir(paths.running_networks_dir))
     except OSError:
@@ -261,7 +261,7 @@ def resync(paths, why: str, wait: float = 5.0) -> bool:
     if not wait_libvirt(paths, name, timeout=wait):
         log.warning(f"firewalld {why}: libvirt's rules did not look complete within {wait:.0f}s; syncing anyway")
     ok = False
-    for attempt in range(5):
+    for _attempt in range(5):
         report = engine.sync(verify=True)
         for err in report.errors:
             log.error(f"firewalld {why}: {err}")

@@ -132,7 +132,7 @@ def _warn_strict_forward_ports(domain_name: str) -> None:
     if strict_in_conf():
         from vnethook import log
 
-        log.error(strict_problem(use_bus=False), DOMAIN=domain_name)
+        log.error(strict_problem(use_bus=False) or "firewalld: StrictForwardPorts=yes", DOMAIN=domain_name)
 
 
 def _network(net_name: str, op: str, data: bytes) -> int:

@@ -112,7 +112,7 @@ def script_guard() -> str:
 
 
 def script_tail(kind: str) -> str:
-    return f"except BaseException as _e:\n    exec(_VNETHOOK_GUARD)\n    _vnethook_failed({kind!r}, _e)\n"
+    return f"except BaseException as _e:\n    exec(_VNETHOOK_GUARD)\n    _vnethook_failed({kind!r}, _e)  # noqa: F821 (the exec above defines it)\n"
 
 
 def interpreter() -> str:

@@ -11,9 +11,9 @@ try:  # Python <= 3.11
     from _sha256 import sha256 as _sha256
 except ImportError:  # pragma: no cover - Python >= 3.12
     try:
-        from _sha2 import sha256 as _sha256  # type: ignore
+        from _sha2 import sha256 as _sha256
     except ImportError:
-        from hashlib import sha256 as _sha256  # type: ignore
+        from hashlib import sha256 as _sha256
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 

@@ -29,7 +29,7 @@ def _journal():
         _checked = True
         if os.environ.get("VNETHOOK_LOG") != "stderr" and os.path.exists(JOURNAL_SOCKET):
             try:
-                from systemd._journal import sendv  # type: ignore
+                from systemd._journal import sendv
 
                 _sendv = sendv
             except ImportError:

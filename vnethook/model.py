@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from vnethook.keys import guest_key  # noqa: F401  (re-exported)
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 
@@ -39,9 +43,9 @@ class Value:
                 defaults[f] = cls.__dict__[f]
         cls._fields, cls._defaults, cls._frozen = fields, defaults, frozen
         if not frozen:
-            cls.__hash__ = None  # like a mutable dataclass
+            cls.__hash__ = None  # type: ignore[assignment]  # like a mutable dataclass
         else:
-            cls.__hash__ = Value.__hash__
+            cls.__hash__ = Value.__hash__  # type: ignore[method-assign]
 
     def __init__(self, *args, **kw):
         fields = self._fields
@@ -55,7 +59,7 @@ class Value:
                 v = kw.pop(name)
             elif name in self._defaults:
                 v = self._defaults[name]
-                if isinstance(v, factory):
+                if isinstance(v, _Factory):
                     v = v.make()
             else:
                 raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
@@ -89,7 +93,7 @@ class Value:
         return f"{type(self).__name__}({inner})"
 
 
-class factory:
+class _Factory:
     """A per-instance default for a Value field (like field(default_factory=...))."""
 
     __slots__ = ("make",)
@@ -113,6 +117,11 @@ _FIELDS = (
 )
 
 
+def factory(make) -> "Any":
+    """`field: List[str] = factory(list)`: typed as the field's own type."""
+    return _Factory(make)
+
+
 class Forward:
     """One published port (or port range) of one guest NIC, for one family.
 
@@ -127,6 +136,21 @@ class Forward:
     """
 
     __slots__ = _FIELDS + ("origin", "_id")
+    # For the type checker (bare annotations: no class attribute is made).
+    domain: str
+    mac: str
+    network: str
+    bridge: str
+    subnet: str
+    family: int
+    guest_address: str
+    protocol: str
+    host_address: "str | None"
+    host_ports: "tuple[int, int]"
+    guest_ports: "tuple[int, int]"
+    sources: "tuple[str, ...]"
+    origin: str
+    _id: tuple
 
     def __init__(
         self,

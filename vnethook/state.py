@@ -167,7 +167,7 @@ def delete(paths, key: str) -> None:
 
 def all_records(paths) -> dict:
     """Every readable record, by key. Corrupt files are reported as None."""
-    out = {}
+    out: dict = {}
     try:
         names = os.listdir(paths.guests_dir)
     except FileNotFoundError:

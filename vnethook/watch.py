@@ -136,7 +136,7 @@ def ensure_watcher(paths, mode: str = "auto") -> bool:
 
 
 def _stamps(paths) -> dict:
-    out = {}
+    out: dict = {}
     try:
         names = os.listdir(paths.dnsmasq_dir)
     except OSError:

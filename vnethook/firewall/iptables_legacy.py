@@ -352,7 +352,7 @@ def _rule_class(iptc: types.ModuleType) -> type:
     """
     cls = _rule_classes.get(id(iptc))
     if cls is None:
-        class TableRule(iptc.Rule):  # type: ignore[name-defined,misc]
+        class TableRule(iptc.Rule):  # type: ignore[name-defined]
             in_tables: Sequence = ()
 
             @property
@@ -543,7 +543,7 @@ class IptablesLegacyBackend(IptablesNftBackend):
                     if table_name in _opened:
                         table.refresh()  # the cached handle is stale: read it under the lock
                     _opened.add(table_name)
-                    for n, line in lines:
+                    for n, line in lines:  # noqa: B007 (n names the failing line below)
                         if line != "COMMIT":
                             apply_line(iptc, table, line)
                     if teardown is not None:

@@ -405,7 +405,7 @@ def parse_rule(canonical: str) -> Rule:
         f["set_xmark"] = value()
     if tok:
         raise ValueError(f"trailing {' '.join(tok[:3])!r} in {canonical!r}")
-    rule = Rule(family, table, chain, **f)  # type: ignore[arg-type]
+    rule = Rule(family, table, chain, **f)
     if rule.canonical != canonical:
         raise ValueError(f"non-canonical rule {canonical!r}")
     return rule

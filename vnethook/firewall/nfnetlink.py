@@ -90,7 +90,7 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
         sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
     except OSError:
         return None
-    out = []
+    out: "list" = []
     try:
         sock.settimeout(timeout)
         seq = (os.getpid() + 1) & 0x7FFFFFFF
@@ -345,8 +345,8 @@ def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) ->
         for i, ((table, chain, _, _), base) in enumerate(zip(items, bases)):
             head = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_RULE_TABLE, table.encode() + b"\0") \
                 + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
-            for h in range(base + 1, base + 1 + span):
-                body = head + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))
+            for h_no in range(base + 1, base + 1 + span):
+                body = head + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h_no))
                 reqs.append((seq, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
                                                | NFT_MSG_GETRULE, NLM_F_REQUEST, seq, 0) + body))
                 owner[seq] = i
@@ -358,7 +358,7 @@ def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) ->
         return None
     finally:
         sock.close()
-    hits = [[] for _ in items]
+    hits: "list[list]" = [[] for _ in items]
     for rseq, reply in got.items():
         if reply is not None and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
             table, chain, target, comment = items[owner[rseq]]
@@ -381,7 +381,7 @@ def find_jumps(family: int, wanted: "list", timeout: float = 2.0) -> "list | Non
     """
     import _thread
 
-    results = [dict() for _ in wanted]
+    results: "list[dict]" = [{} for _ in wanted]
     locks = []
     for i, (table, chain, targets) in enumerate(wanted):
         args = (family, table, chain, [t.encode() + b"\0" for t in targets], timeout, results[i])

@@ -258,7 +258,7 @@ def _forward_elements(f: Forward) -> List[Elem]:
         # none is left, the forward must match nobody rather than everybody.
         # Overlapping sources are merged: an interval map refuses overlaps.
         mine = [n for n in nets if n.version == f.family]
-        sources = [n.with_prefixlen for n in ipaddress.collapse_addresses(mine)]  # type: ignore[arg-type]
+        sources = [n.with_prefixlen for n in ipaddress.collapse_addresses(mine)]  # type: ignore[type-var]
     else:
         sources = [None]
     out: List[Elem] = []
@@ -528,7 +528,7 @@ def _listed_net(v: Any) -> str:
         return _net(f"{p['addr']}/{p['len']}")
     if isinstance(v, dict) and "range" in v:
         lo, hi = (ipaddress.ip_address(x) for x in v["range"])
-        nets = list(ipaddress.summarize_address_range(lo, hi))
+        nets: list = list(ipaddress.summarize_address_range(lo, hi))
         if len(nets) == 1:
             return nets[0].with_prefixlen
     raise ValueError(f"unexpected network {v!r}")
