@@ -32,6 +32,27 @@ def default_timeout() -> float:
     return t if t > 0 else DEFAULT_TIMEOUT
 
 
+def acquire(fd: int, timeout: float) -> bool:
+    """An exclusive flock on `fd`, waiting up to `timeout` seconds (0: one
+    try). False when it timed out; other errors raise. The one wait loop
+    for vnethook's lock, the watcher's and the xtables lock: a blocking
+    flock could not be bounded without a signal."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EINTR):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+
+
 class Lock:
     def __init__(self, path: str, timeout: "float | None" = None):
         self.path = path
@@ -41,21 +62,16 @@ class Lock:
     def __enter__(self) -> "Lock":
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.002
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            if acquire(self.fd, self.timeout):
                 return self
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() > deadline:
-                os.close(self.fd)
-                self.fd = -1
-                raise LockTimeout(f"could not take {self.path} within {self.timeout:.0f}s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        raise LockTimeout(f"could not take {self.path} within {self.timeout:.0f}s")
 
     def __exit__(self, *exc) -> None:
         if self.fd >= 0:

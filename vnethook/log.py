@@ -18,7 +18,6 @@ FIELDS = ("DOMAIN", "GUEST_ADDRESS", "HOST_PORT", "GUEST_PORT", "PROTOCOL", "ACT
 
 _sendv = None
 _checked = False
-_quiet = False
 
 PRIORITY = {"error": 3, "warning": 4, "info": 6, "debug": 7}
 
@@ -37,11 +36,6 @@ def _journal():
     return _sendv
 
 
-def set_quiet(q: bool) -> None:
-    global _quiet
-    _quiet = q
-
-
 def emit(level: str, message: str, **fields) -> None:
     send = _journal()
     if send is not None:
@@ -56,8 +50,6 @@ def emit(level: str, message: str, **fields) -> None:
             return
         except OSError:
             pass
-    if _quiet and level in ("info", "debug"):
-        return
     extra = " ".join(f"{k.upper()}={v}" for k, v in fields.items() if v is not None)
     try:
         sys.stderr.write(f"vnethook: {level}: {message}{' [' + extra + ']' if extra else ''}\n")

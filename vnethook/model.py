@@ -213,10 +213,6 @@ class Forward:
         return guest_key(self.domain)
 
     @property
-    def is_range(self) -> bool:
-        return self.host_ports[0] != self.host_ports[1]
-
-    @property
     def is_loopback(self) -> bool:
         """A forward bound to 127.0.0.0/8 or ::1: reachable from the host only."""
         a = self.host_address

@@ -22,11 +22,11 @@ its token before the release (and the exiting watcher sees it).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import sys
 import time
+
+from vnethook.lock import acquire
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
 UNIT = "vnethook-leases.path"
@@ -88,13 +88,13 @@ def _try_lock(paths):
     os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
     fd = os.open(_lock_path(paths), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+        if acquire(fd, 0):
+            return fd
+    except BaseException:
         os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            return None
         raise
-    return fd
+    os.close(fd)
+    return None
 
 
 def watcher_running(paths) -> bool:

@@ -44,21 +44,19 @@ and iptc only inside it.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import importlib.util
 import os
 import re
 import shlex
 import sys
 import sysconfig
-import time
 import types
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from vnethook.firewall import iptables_rules as ir
 from vnethook.firewall.base import FirewallError
 from vnethook.firewall.iptables_nft import IptablesNftBackend, RestoreError
+from vnethook.lock import acquire
 
 LOCK_PATH = "/run/xtables.lock"  # iptables' XT_LOCK_NAME on Debian, Fedora, Arch
 LOCK_TIMEOUT = 60.0  # the restore tools' subprocess timeout in iptables_nft
@@ -235,20 +233,13 @@ def xtables_lock(path: Optional[str] = None, timeout: Optional[float] = None) ->
     except OSError as e:
         raise FirewallError(f"cannot open the xtables lock {path}: {e.strerror}") from None
     try:
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
-                    raise FirewallError(f"cannot lock {path}: {e.strerror}") from None
-            if time.monotonic() >= deadline:
-                raise FirewallError(f"another program held the xtables lock {path} "
-                                    f"for more than {timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        try:
+            got = acquire(fd, timeout)
+        except OSError as e:
+            raise FirewallError(f"cannot lock {path}: {e.strerror}") from None
+        if not got:
+            raise FirewallError(f"another program held the xtables lock {path} "
+                                f"for more than {timeout:g} s")
         yield
     finally:
         os.close(fd)  # releases the flock
