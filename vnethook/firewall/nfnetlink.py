@@ -63,7 +63,7 @@ def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int
     end = min(length, len(data))
     while off + 4 <= end:
         alen, akind = _struct.unpack_from("=HH", data, off)
-        if alen < 4:
+        if alen < 4 or off + alen > end:
             return None
         if akind & 0x3FFF == NFTA_CHAIN_USE and alen >= 8:
             return _struct.unpack_from("!I", data, off + 4)[0]
@@ -73,8 +73,32 @@ def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int
 
 NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
 NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
+
+
+def headers(data: bytes, seq: "int | None") -> "list | None":
+    """(offset, length, type, flags) of each netlink message in one received
+    chunk, or None if anything is off: a length shorter than a header or
+    running past the chunk, a reply to another request (`seq`; None: any),
+    or a dump the kernel marks interrupted (NLM_F_DUMP_INTR: the ruleset
+    changed while it was being dumped, so rules may be missing or repeated).
+    Callers treat None as "not known" and take the slow, listing way."""
+    import _struct
+
+    out = []
+    off, end = 0, len(data)
+    while off + 16 <= end:
+        length, kind, flags, rseq, _ = _struct.unpack_from("=IHHII", data, off)
+        if length < 16 or off + length > end or (seq is not None and rseq != seq) \
+                or flags & NLM_F_DUMP_INTR:
+            return None
+        out.append((off, length, kind, flags))
+        off += (length + 3) & ~3
+    if off < end:
+        return None  # trailing bytes that are not a whole message
+    return out
 
 
 def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "list | None":
@@ -102,19 +126,15 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
                     + body, (0, 0))
         while True:
             data = sock.recv(1 << 17)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
-                if length < 16 or rseq != seq:
-                    return None
+            msgs = headers(data, seq)
+            if not data or msgs is None:
+                return None
+            for off, length, kind, _ in msgs:
                 if kind == NLMSG_DONE:
                     return out
                 if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
                     return None  # NLMSG_ERROR: no such table or chain
                 out.append(data[off + 16:off + length])
-                off += (length + 3) & ~3
-            if not data:
-                return None
     except OSError:
         return None
     finally:
@@ -246,25 +266,28 @@ def _dump_hits(family: int, table: str, chain: str, needles: "list", timeout: fl
             if len(data) < 20:
                 out[None] = None
                 return
-            length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data)
-            if rseq != seq or kind not in (newrule, NLMSG_DONE):
+            length, kind, flags, rseq, _ = _struct.unpack_from("=IHHII", data)
+            # The kernel marks an interrupted dump on the first message of
+            # the chunk it was filling (nlmsg_hdr(skb)), so one look here
+            # covers the chunks that are not split below.
+            if rseq != seq or kind not in (newrule, NLMSG_DONE) or flags & NLM_F_DUMP_INTR:
                 out[None] = None  # NLMSG_ERROR: no such table or chain
                 return
             if any(n in data for n in needles):
-                off = 0
-                while off + 16 <= len(data):
-                    length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
-                    if length < 16 or rseq != seq:
-                        out[None] = None
-                        return
+                msgs = headers(data, seq)
+                if msgs is None:
+                    out[None] = None
+                    return
+                for off, length, kind, _ in msgs:
                     if kind == newrule:
                         msg = data[off + 16:off + length]
                         for n in needles:
                             if n in msg:
                                 out.setdefault(n, []).append(msg)
-                    off += (length + 3) & ~3
             tail = len(data) - 20
             if data.startswith(done, tail) and _struct.unpack_from("=I", data, tail + 8)[0] == seq:
+                if _struct.unpack_from("=H", data, tail + 6)[0] & NLM_F_DUMP_INTR:
+                    out[None] = None
                 return
     except OSError:
         out[None] = None
@@ -284,16 +307,15 @@ def _exchange(sock, reqs: "list") -> "dict | None":
     out = {}
     while want:
         data = sock.recv(1 << 17)
-        if not data:
+        msgs = headers(data, None)
+        if not data or msgs is None:
             return None
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
-            if length < 16 or rseq not in want:
+        for off, length, kind, _ in msgs:
+            rseq = _struct.unpack_from("=I", data, off + 8)[0]
+            if rseq not in want:
                 return None
             want.discard(rseq)
             out[rseq] = None if kind == NLMSG_ERROR else (kind, data[off + 16:off + length])
-            off += (length + 3) & ~3
     return out
 
 
@@ -472,19 +494,18 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
             data = sock.recv(1 << 16)
             if not data:
                 break
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data, off)
-                if length < 16:
-                    return False
-                if kind == NLMSG_ERROR and off + 20 <= len(data):
+            msgs = headers(data, None)
+            if msgs is None:
+                return False
+            for off, length, kind, _ in msgs:
+                rseq = _struct.unpack_from("=I", data, off + 8)[0]
+                if kind == NLMSG_ERROR and length >= 20:
                     err = _struct.unpack_from("=i", data, off + 16)[0]
                     if err or rseq not in want:
                         bad = True  # a refused message, or the commit itself (answered on BEGIN)
                     want.discard(rseq)
                 else:
                     bad = True
-                off += (length + 3) & ~3
             if bad:
                 return False
         ok = not want
