@@ -5,8 +5,8 @@ in the legacy tables, and only a legacy accept ahead of it helps. The change
 logic is the nft flavour's (iptables_nft plans every change as restore
 lines); the rules are iptables_rules' marked layout, because here every
 commit replaces the whole table in the kernel and costs what the table
-holds (IPT_SO_SET_REPLACE, ~3 us per entry for reading and replacing it on
-this machine): one DNAT entry per forward and nothing per forward in filter.
+holds (IPT_SO_SET_REPLACE reads and replaces every entry): one DNAT entry
+per forward and nothing per forward in filter.
 
 IPv4 goes through python-iptables (iptc) in-process: each table section of
 a change is applied to one libiptc handle and committed once, with
@@ -30,13 +30,13 @@ afford. (Registering both families works only with a second copy of
 libxt_NAT.so loaded from a memfd after switching libxtables to IPv6: tried
 here, it works, but it rests on libxtables internals (the duplicate check
 running before the family filter), and if those change the failure mode
-is that exit(1) again.) A restore process costs ~5 ms.
+is that exit(1) again.) A restore process is the cheaper risk.
 
-Importing iptc the ordinary way costs ~150 ms: it runs `ldconfig -N -v` to
+Importing iptc the ordinary way costs more than a whole hook run: it runs `ldconfig -N -v` to
 find the extensions, `ldconfig -p` (and even gcc) through
 ctypes.util.find_library for its libraries, and imports distutils, which
 setuptools' shim turns into importing setuptools. load_iptc() points it
-straight at the files instead (~12 ms), and only when an IPv4 change is
+straight at the files instead, and only when an IPv4 change is
 actually made: this module is imported only when the backend is chosen,
 and iptc only inside it.
 """
@@ -353,7 +353,7 @@ def _rule_class(iptc: types.ModuleType) -> type:
             def final_check(self):
                 # The extensions' own checks, as iptables runs them. Stock
                 # iptc first prints every extension's options through its
-                # save function and parses them back (~0.3 ms a rule).
+                # save function and parses them back, for every rule.
                 if self.target and self.target._module:
                     self.target._final_check()
                 for m in self.matches:
@@ -472,8 +472,8 @@ class IptablesLegacyBackend(IptablesNftBackend):
     forward_flavour = "legacy"
     # Shared chains only. A legacy commit replaces the whole table anyway,
     # so per-guest chains save nothing there and cost more: 3 chains per
-    # guest make the blob and libiptc's chain handling bigger (measured
-    # with 1000 guests: started 97 -> 115 ms, stopped 75 -> 92 ms). Both
+    # guest make the blob and libiptc's chain handling bigger (slower with
+    # 1000 guests in benchmarks/run, started and stopped alike). Both
     # layouts are read and changed by the same code (iptables_nft._plan).
     per_guest_chains = False
     # The marked layout: a change costs what the tables it replaces hold,

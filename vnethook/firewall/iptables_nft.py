@@ -59,8 +59,8 @@ def run_tool(argv: List[str], data: bytes = b"", timeout: float = 60.0,
              marks: int = 0) -> "tuple[int | None, str, str, int]":
     """Run a tool with `data` on stdin: (exit status, stdout, stderr, marks seen).
 
-    posix_spawn instead of subprocess, which costs ~11 ms to import: more
-    than a restore run itself (~2.5 ms). stdin and stderr are memfds (a
+    posix_spawn instead of subprocess, whose import costs more than a
+    restore run itself. stdin and stderr are memfds (a
     batch of any size, no write that blocks on a child that stopped
     reading); stdout is a pipe.
 
@@ -70,8 +70,8 @@ def run_tool(argv: List[str], data: bytes = b"", timeout: float = 60.0,
     not waited for (status None; it is reaped later). Why: a process that
     closes its nfnetlink socket while deleted rules await their RCU grace
     period blocks in close() until it ends (the kernel flushes its destroy
-    work on NETLINK_URELEASE): ~15 ms per commit round here, paid by every
-    run that deletes anything. The changes are committed by then, so
+    work on NETLINK_URELEASE), once per commit round, paid by every run
+    that deletes anything. The changes are committed by then, so
     nothing needs that wait. A tool that does not echo is waited for.
     """
     import select
@@ -284,7 +284,7 @@ class IptablesNftBackend(Backend):
                 # FORWARD's jump is re-seated at position 1 every time, as
                 # libvirt may have put its own jumps ahead since; the nat
                 # jumps are only checked (every rule deletion makes the
-                # kernel wait for an RCU grace period, ~5 ms each here).
+                # kernel wait for an RCU grace period).
                 for j in ir.base_jumps(fam, self.marked):
                     if j.chain == "FORWARD":
                         sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]

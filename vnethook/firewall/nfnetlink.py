@@ -2,7 +2,7 @@
 
 Why: removing a guest must also drop vnethook's base once the last guest
 is gone. Trying the teardown and letting it fail costs a restore run that
-waits for the removal's RCU grace period (5-25 ms), and listing the table
+waits for the removal's RCU grace period, and listing the table
 costs O(guests). The kernel already counts, per chain, its rules plus the
 jumps to it (NFTA_CHAIN_USE), and answers one GETCHAIN request in O(1).
 
@@ -534,7 +534,7 @@ def hold_past_exit(obj) -> None:
     When the last holder of an nfnetlink socket closes it while deleted
     rules or elements await their RCU grace period, the kernel makes it
     wait for them (nf_tables flushes its destroy work on NETLINK_URELEASE):
-    ~15 ms per commit round here, at the hook's exit, so libvirt waits too.
+    once per commit round, at the hook's exit, so libvirt waits too.
     Committed is committed by then; only the freeing of old objects is
     left. So `obj` (a socket, or a libnftables context) lives to the end of
     the process (a module-level reference), and at exit a forked child
