@@ -481,6 +481,8 @@ class IptablesLegacyBackend(IptablesNftBackend):
     marked = True
     restore_tools = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
     save_tools = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+    nf_tables = False
+    restore_steps = False  # IPv4 goes through iptc (_restore below)
 
     def _restore(self, family: int, batch: str) -> None:
         if family != 4:

@@ -181,6 +181,11 @@ class IptablesNftBackend(Backend):
     marked = True
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
+    # The tables are nf_tables: nfnetlink can count, list and delete in them.
+    nf_tables = True
+    # Every change goes through one `*-restore` run per batch (steps echoed
+    # with -v, see run_tool); a subclass with another transport says False.
+    restore_steps = True
 
     def __init__(self) -> None:
         self._paths: Dict[str, str] = {}
@@ -316,10 +321,9 @@ class IptablesNftBackend(Backend):
         Asked with one netlink dump per builtin chain: `-C`/`-D` lines in the
         batch would make the restore tool fetch every rule of both tables
         (O(guests)). A jump is recognised by its target chain's name in the
-        rule's attributes. Only for our own restore transport: the legacy
-        tables are not nf_tables.
+        rule's attributes. Only where the tables are nf_tables (not legacy).
         """
-        if self._own_transport() or self.restore_tools[fam] != IptablesNftBackend.restore_tools[fam]:
+        if not self.nf_tables:
             return False
         from vnethook.firewall.nfnetlink import chain_rules
 
@@ -528,10 +532,6 @@ class IptablesNftBackend(Backend):
         for fam in sorted(families):
             self._teardown_if_empty(fam)
 
-    def _own_transport(self) -> bool:
-        """A subclass that replaced _restore (iptc) keeps its own transport."""
-        return type(self)._restore is not IptablesNftBackend._restore
-
     def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str],
                        key: Optional[str] = None) -> None:
         removal = self._batch(sections)
@@ -561,7 +561,7 @@ class IptablesNftBackend(Backend):
         the record is not plainly jumps plus own chains, or anything
         differs from what we expect.
         """
-        if self.restore_tools[fam] != IptablesNftBackend.restore_tools[fam]:
+        if not self.nf_tables:
             return False
         from vnethook.firewall import nfnetlink
 
@@ -632,10 +632,10 @@ class IptablesNftBackend(Backend):
         other guests still forwarding it changes nothing.
         """
         try:
-            if self._own_transport():
-                self._restore(fam, self._teardown_batch(fam))
-            else:
+            if self.restore_steps:
                 self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
+            else:
+                self._restore(fam, self._teardown_batch(fam))
         except FirewallError:
             pass
 
