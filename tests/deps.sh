@@ -18,10 +18,12 @@ if [ "${1:-}" != "--runtime" ]; then
     BASE+=(python3-pytest python3-hypothesis python3-venv python3-pip
            dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
            lintian rpm systemd fakeroot bash-completion libsystemd-dev pkg-config gcc python3-dev groff man-db
-           dbus-daemon firewalld docker.io ufw)
+           dbus-daemon firewalld docker.io ufw debootstrap)
     # firewalld, docker.io and ufw are for the e2e sandboxes only
     # (test_firewalld.py, test_other_managers.py run them inside a sandbox's
     # namespaces): none of them may start on this host (see below).
+    # debootstrap builds the Debian 12 root with its stock libvirt 9.0 that
+    # the e2e matrix runs (tests/e2e/libvirt_root.py), cached in /var/tmp.
 fi
 # The real guest of tests/e2e/test_real_guest.py (a Debian kernel and a
 # busybox initramfs) is not installed here: tests/e2e/guest_image.py fetches

@@ -49,6 +49,7 @@ NETPEER = os.path.join(TOOLS, "netpeer.py")
 UDHCPC_SCRIPT = os.path.join(TOOLS, "udhcpc-script")
 TC_WRAPPER = os.path.join(TOOLS, "tc-wrapper")
 HOLDER = os.path.join(TOOLS, "holder.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIREWALLD = os.path.join(TOOLS, "firewalld-sandbox.py")
 PROBE = os.path.join(TOOLS, "probe.py")
 # Counters and handles in `nft list ruleset` / iptables-save output.
@@ -296,11 +297,22 @@ class Sandbox:
                  tmpdir: Optional[str] = None,
                  log_level: int = 3,
                  iptables: str = "nft",
-                 firewalld: bool = False):
+                 firewalld: bool = False,
+                 libvirt: str = "host"):
         if firewall_backend not in ("iptables", "nftables"):
             raise ValueError(f"firewall_backend must be iptables or nftables, not {firewall_backend!r}")
         if iptables not in ("nft", "legacy"):
             raise ValueError(f"iptables must be nft or legacy, not {iptables!r}")
+        if libvirt not in ("host", "9.0"):
+            raise ValueError(f"libvirt must be host or 9.0, not {libvirt!r}")
+        if libvirt == "9.0" and (firewall_backend != "iptables" or iptables != "nft" or firewalld):
+            raise ValueError("libvirt 9.0 (Debian 12's own) has only the iptables backend; "
+                             "its root runs iptables-nft and no firewalld")
+        # "9.0": Debian 12's stock libvirt, from a second root (libvirt_root.py)
+        # that the holder chroots into; "host": the libvirt installed here.
+        self.libvirt = libvirt
+        self.chroot: Optional[str] = None
+        self._in_chroot = False
         self.firewall_backend = firewall_backend
         # "legacy": inside the sandbox only, the iptables alternatives point
         # at iptables-legacy (a host where update-alternatives chose it):
@@ -348,6 +360,13 @@ class Sandbox:
         if why:
             raise SandboxError(why)
         t0 = time.monotonic()
+        if self.libvirt == "9.0":
+            import libvirt_root
+
+            try:
+                self.chroot = libvirt_root.ensure()
+            except libvirt_root.RootUnavailable as e:
+                raise SandboxError(f"no libvirt 9.0 root: {e}") from None
         self._prepare_trees()
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--net", "--fork", "--propagation", "private",
@@ -358,6 +377,8 @@ class Sandbox:
             self.pid = int(line)
         except ValueError:
             raise SandboxError(f"namespace holder did not start: {line!r}") from None
+        if self.chroot:
+            self._enter_chroot()
         self._mount_private_trees()
         self.run(["ip", "link", "set", "lo", "up"])
         self.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
@@ -369,13 +390,14 @@ class Sandbox:
 
     def _prepare_trees(self) -> None:
         # /etc/libvirt: the host's config minus its domains, networks and hooks.
-        shutil.copytree("/etc/libvirt", self.etc, symlinks=True,
+        shutil.copytree(self._outside("/etc/libvirt"), self.etc, symlinks=True,
                         ignore=shutil.ignore_patterns("*.xml", "autostart", "hooks"))
         for sub in ("qemu/networks/autostart", "qemu/autostart",
                     "hooks/qemu.d", "hooks/network.d"):
             os.makedirs(os.path.join(self.etc, sub), exist_ok=True)
-        with open(os.path.join(self.etc, "network.conf"), "a", encoding="ascii") as f:
-            f.write(f'\nfirewall_backend = "{self.firewall_backend}"\n')
+        if self.libvirt == "host":  # 9.0 has no network.conf (iptables only)
+            with open(os.path.join(self.etc, "network.conf"), "a", encoding="ascii") as f:
+                f.write(f'\nfirewall_backend = "{self.firewall_backend}"\n')
         with open(os.path.join(self.etc, "libvirtd.conf"), "a", encoding="ascii") as f:
             f.write(f'\nlog_outputs = "{self.log_level}:file:/var/log/libvirt/libvirtd.log"\n')
         with open(os.path.join(self.etc, "qemu.conf"), "a", encoding="ascii") as f:
@@ -390,7 +412,7 @@ class Sandbox:
         for sub in ("qemu", "dnsmasq", "network", "boot", "images"):
             d = os.path.join(self.varlib, sub)
             os.makedirs(d, exist_ok=True)
-            ref = os.path.join("/var/lib/libvirt", sub)
+            ref = self._outside(os.path.join("/var/lib/libvirt", sub))
             try:
                 st = os.stat(ref)
                 os.chown(d, st.st_uid, st.st_gid)
@@ -398,7 +420,7 @@ class Sandbox:
             except FileNotFoundError:
                 os.chmod(d, 0o755)
         os.makedirs(os.path.join(self.logdir, "qemu"), exist_ok=True)
-        os.makedirs(CACHE_DIR, mode=0o711, exist_ok=True)
+        os.makedirs(self.cache_dir, mode=0o711, exist_ok=True)
         if self.iptables == "legacy":
             self.alternatives = os.path.join(self.tmpdir, "etc-alternatives")
             os.makedirs(self.alternatives)
@@ -415,12 +437,12 @@ class Sandbox:
 
     def _mount_private_trees(self) -> None:
         real_tc = os.path.realpath(shutil.which("tc", path=DAEMON_ENV["PATH"]) or "/usr/sbin/tc")
-        steps = [
-            ["mount", "--make-rprivate", "/"],
+        steps = [] if self.chroot else [["mount", "--make-rprivate", "/"]]
+        steps += [
             ["mount", "--bind", self.etc, "/etc/libvirt"],
             ["mount", "--bind", self.varlib, "/var/lib/libvirt"],
             ["mount", "--bind", self.logdir, "/var/log/libvirt"],
-            ["mount", "--bind", CACHE_DIR, "/var/cache/libvirt"],
+            ["mount", "--bind", self.cache_dir, "/var/cache/libvirt"],
             # A host without systemd may not have /run/libvirt (tmpfiles.d
             # makes it at boot): the mount point is created, empty.
             ["mkdir", "-p", "/run/libvirt"],
@@ -450,6 +472,46 @@ class Sandbox:
             ]
         for argv in steps:
             self.run(argv)
+
+    @property
+    def cache_dir(self) -> str:
+        return CACHE_DIR if self.libvirt == "host" else f"{CACHE_DIR}-{self.libvirt}"
+
+    def _outside(self, p: str) -> str:
+        """Where the test process finds `p` of the sandbox's own root
+        before the sandbox runs (the libvirt 9.0 root, or this host)."""
+        return os.path.join(self.chroot, p.lstrip("/")) if self.chroot else p
+
+    def _enter_chroot(self) -> None:
+        """Mount what the second root needs (its own /proc, a sysfs of the
+        sandbox's network namespace, /dev, an empty /run; /tmp, /var/tmp and
+        this checkout at their own paths, so test files and tools keep their
+        names), then have the holder chroot into it."""
+        root = self.chroot
+        assert root is not None and self.holder is not None and self.holder.stdin is not None
+        shared = ["/tmp", "/var/tmp", REPO]
+        if not any(self.tmpdir.startswith(d + "/") for d in shared):
+            shared.append(self.tmpdir)
+        for d in shared:
+            os.makedirs(os.path.join(root, d.lstrip("/")), exist_ok=True)
+        steps = [
+            ["mount", "--make-rprivate", "/"],
+            ["mount", "--bind", root, root],
+            ["mount", "-t", "proc", "proc", f"{root}/proc"],
+            ["mount", "-t", "sysfs", "sysfs", f"{root}/sys"],
+            ["mount", "--rbind", "/dev", f"{root}/dev"],
+            ["mount", "--bind", "/dev/null", f"{root}/dev/kvm"],
+            ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", f"{root}/run"],
+        ]
+        steps += [["mount", "--bind", d, os.path.join(root, d.lstrip("/"))] for d in shared]
+        for argv in steps:
+            self.run(argv)
+        self.holder.stdin.write(f"chroot {root}\n".encode())
+        self.holder.stdin.flush()
+        line = _readline_timeout(self.holder, 10)
+        if line.strip() != b"chrooted":
+            raise SandboxError(f"the holder did not chroot into {root}: {line!r}")
+        self._in_chroot = True
 
     # ---- D-Bus and firewalld (firewalld=True) ----------------------------
     def _start_dbus(self, timeout: float = 10) -> None:
@@ -640,7 +702,8 @@ class Sandbox:
     def enter_argv(self, argv: Sequence[str]) -> List[str]:
         if self.pid is None:
             raise SandboxError("sandbox is not running")
-        return ["nsenter", f"--target={self.pid}", "--mount", "--net", "--"] + list(argv)
+        root = ["--root", "--wd"] if self._in_chroot else []
+        return ["nsenter", f"--target={self.pid}", "--mount", "--net", *root, "--"] + list(argv)
 
     def _env(self, extra: Optional[Mapping[str, str]]) -> Dict[str, str]:
         env = dict(DAEMON_ENV)
@@ -656,9 +719,9 @@ class Sandbox:
             cp = subprocess.run(argv, input=input, capture_output=True, text=text,
                                 timeout=timeout, env=self._env(env))
         except subprocess.TimeoutExpired as e:
-            raise SandboxError(f"timed out after {timeout}s: {argv[5:]}") from e
+            raise SandboxError(f"timed out after {timeout}s: {_shown(argv)}") from e
         if check and cp.returncode != 0:
-            raise SandboxError(f"command failed (rc={cp.returncode}): {argv[5:]}\n"
+            raise SandboxError(f"command failed (rc={cp.returncode}): {_shown(argv)}\n"
                                f"stdout: {cp.stdout}\nstderr: {cp.stderr}")
         return cp
 
@@ -1014,6 +1077,11 @@ def interface_xml(mac: str, network: str) -> ET.Element:
     ET.SubElement(iface, "model", type="virtio")
     ET.SubElement(iface, "rom", enabled="no")
     return iface
+
+
+def _shown(argv: List[str]) -> List[str]:
+    """The command itself, without the nsenter prefix."""
+    return argv[argv.index("--") + 1:] if "--" in argv else argv
 
 
 def _tail(path: str, n: int) -> str:

@@ -14,6 +14,7 @@ from sandbox import Sandbox, mac_for
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.libvirt9
 def test_real_lease_and_external_reach(sandbox: Sandbox, firewall_backend):
     sandbox.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
     mac = mac_for(1)

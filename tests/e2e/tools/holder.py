@@ -5,6 +5,10 @@ pid and then waits for its stdin to close. The test process keeps that pipe
 open, so if pytest dies (crash, kill -9, timeout), the pipe closes and this
 dead-man switch kills every process still in the sandbox: nothing the tests
 started (libvirtd, dnsmasq, qemu, servers) outlives them on the host.
+
+A line `chroot DIR` on stdin makes it chroot into DIR (answered `chrooted`):
+commands then enter the sandbox with `nsenter --root`, so that a second
+libvirt installed in DIR runs as on its own host (libvirt_root.py).
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ def _ns(pid: str, kind: str) -> str | None:
         return None
 
 
-def sweep(me: int) -> int:
+def sweep(me: int, mnt: str | None, net: str | None) -> int:
     """Kill every other process sharing our mount or network namespace."""
-    mnt, net = _ns("self", "mnt"), _ns("self", "net")
     killed = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) in (me, os.getppid()):
@@ -40,15 +43,19 @@ def sweep(me: int) -> int:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    mnt, net = _ns("self", "mnt"), _ns("self", "net")
     print(os.getpid(), flush=True)
     try:
-        while sys.stdin.buffer.read(4096):
-            pass
+        for line in sys.stdin.buffer:
+            if line.startswith(b"chroot "):
+                os.chroot(line[7:].rstrip(b"\n"))
+                os.chdir("/")
+                print("chrooted", flush=True)
     except OSError:
         pass
     me = os.getpid()
     for _ in range(50):
-        if not sweep(me):
+        if not sweep(me, mnt, net):
             break
         time.sleep(0.1)
     return 0
