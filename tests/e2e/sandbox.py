@@ -298,7 +298,8 @@ class Sandbox:
                  log_level: int = 3,
                  iptables: str = "nft",
                  firewalld: bool = False,
-                 libvirt: str = "host"):
+                 libvirt: str = "host",
+                 listen_tcp: bool = False):
         if firewall_backend not in ("iptables", "nftables"):
             raise ValueError(f"firewall_backend must be iptables or nftables, not {firewall_backend!r}")
         if iptables not in ("nft", "legacy"):
@@ -311,6 +312,10 @@ class Sandbox:
         # "9.0": Debian 12's stock libvirt, from a second root (libvirt_root.py)
         # that the holder chroots into; "host": the libvirt installed here.
         self.libvirt = libvirt
+        # A second host for `virsh migrate`: libvirtd also listens on TCP
+        # (no auth: only the sandboxes' own link reaches it) and has a host
+        # UUID of its own (libvirt refuses to migrate to "the same host").
+        self.listen_tcp = listen_tcp
         self.chroot: Optional[str] = None
         self._in_chroot = False
         self.firewall_backend = firewall_backend
@@ -400,6 +405,11 @@ class Sandbox:
                 f.write(f'\nfirewall_backend = "{self.firewall_backend}"\n')
         with open(os.path.join(self.etc, "libvirtd.conf"), "a", encoding="ascii") as f:
             f.write(f'\nlog_outputs = "{self.log_level}:file:/var/log/libvirt/libvirtd.log"\n')
+            if self.listen_tcp:
+                import uuid
+
+                f.write(f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\n'
+                        f'host_uuid = "{uuid.uuid4()}"\n')
         with open(os.path.join(self.etc, "qemu.conf"), "a", encoding="ascii") as f:
             # No host cgroups (they are not namespaced here), no per-guest
             # mount namespace (qemu then stays visible to the holder's sweep).
@@ -565,7 +575,8 @@ class Sandbox:
 
     def start_libvirtd(self, timeout: float = 60) -> float:
         t0 = time.monotonic()
-        self.run(["libvirtd", "-d", "-p", "/run/libvirt/vnethook-sandbox/libvirtd.pid"],
+        listen = ["--listen"] if self.listen_tcp else []
+        self.run(["libvirtd", "-d", *listen, "-p", "/run/libvirt/vnethook-sandbox/libvirtd.pid"],
                  timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
@@ -1033,6 +1044,23 @@ class Sandbox:
         ext = External(self, ns, host_if, ip, host_ip, ip6, host_ip6)
         self._externals.append(ext)
         return ext
+
+    def link(self, other: "Sandbox", subnet: str = "203.0.113.0/30") -> Tuple[str, str]:
+        """A veth between this sandbox's host and another's (two hypervisors
+        on one LAN, e.g. for migration). Returns (our address, theirs)."""
+        if other.pid is None:
+            raise SandboxError("the other sandbox is not running")
+        net = ipaddress.ip_network(subnet)
+        mine, theirs = str(net.network_address + 1), str(net.network_address + 2)
+        self._seq += 1
+        a, b = f"vnhl{self._seq}a", f"vnhl{self._seq}b"
+        self.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+        self.run(["ip", "link", "set", b, "netns", str(other.pid)])
+        self.run(["ip", "addr", "add", f"{mine}/{net.prefixlen}", "dev", a])
+        self.run(["ip", "link", "set", a, "up"])
+        other.run(["ip", "addr", "add", f"{theirs}/{net.prefixlen}", "dev", b])
+        other.run(["ip", "link", "set", b, "up"])
+        return mine, theirs
 
     # convenience: the host side acts like any other namespace
     def serve_tcp(self, port: int, reply: str = "hello", bind: str = "::") -> Server:

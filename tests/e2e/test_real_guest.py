@@ -30,7 +30,7 @@ import pytest
 
 import guest_image
 from sandbox import PYTHON, TOOLS, Sandbox, mac_for
-from vnethook_env import VnethookEnv
+from vnethook_env import VnethookEnv, without_new_empty_base_chains
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt9]
 
@@ -126,30 +126,10 @@ def test_real_guest_lease_forward_and_shutdown(sandbox: Sandbox, image, tmp_path
     assert not ext.connect_tcp(HOST_EXT, 8080, timeout=1).ok
     assert not ext.send_udp(HOST_EXT, 5353, timeout=1).ok
     assert vh.records() == []
-    after, leftover = _without_new_empty_base_chains(vh.ruleset_text(), before)
+    after, leftover = without_new_empty_base_chains(vh.ruleset_text(), before)
     if leftover:
         print("left behind by iptables-nft (empty base chains, policy accept): "
               + ", ".join(leftover))
     assert after == before, "the firewall differs from before the guest started:\n" + "\n".join(
         difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after",
                              lineterm=""))
-
-
-_EMPTY_BASE_CHAIN = re.compile(r"\n\n\tchain (\S+) \{\n\t\ttype [^\n]* policy accept;\n\t\}")
-
-
-def _without_new_empty_base_chains(after: str, before: str):
-    """`after` minus the empty, policy-accept base chains that `before` did
-    not have, and their names. iptables-nft creates a table's builtin
-    chains when a rule first goes there (vnethook's DNAT: nat PREROUTING
-    and OUTPUT) and never deletes them; they hold no rule and pass every
-    packet. Everything else must be byte-identical."""
-    dropped = []
-
-    def drop(m):
-        if m.group(0) in before:
-            return m.group(0)
-        dropped.append(m.group(1))
-        return ""
-
-    return _EMPTY_BASE_CHAIN.sub(drop, after), dropped

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import textwrap
 
@@ -204,3 +205,23 @@ def _drop_empty_base_chains(lines: list) -> list:
             continue
         keep.append(l)
     return keep
+
+
+_EMPTY_BASE_CHAIN = re.compile(r"\n\n\tchain (\S+) \{\n\t\ttype [^\n]* policy accept;\n\t\}")
+
+
+def without_new_empty_base_chains(after: str, before: str):
+    """`after` minus the empty, policy-accept base chains that `before` did
+    not have, and their names. iptables-nft creates a table's builtin
+    chains when a rule first goes there (vnethook's DNAT: nat PREROUTING
+    and OUTPUT) and never deletes them; they hold no rule and pass every
+    packet. Everything else must be byte-identical."""
+    dropped = []
+
+    def drop(m):
+        if m.group(0) in before:
+            return m.group(0)
+        dropped.append(m.group(1))
+        return ""
+
+    return _EMPTY_BASE_CHAIN.sub(drop, after), dropped
