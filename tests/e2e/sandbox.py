@@ -238,6 +238,14 @@ class GuestNet(Netns):
         self.host_if = host_if
         self.ip: Optional[str] = None
 
+    def pin_mac(self) -> None:
+        """Keep the bridge sending this MAC's frames to the netns. A QEMU
+        whose guest is restored or migrated in announces the NIC's MAC
+        (the same MAC) from its tap, and the bridge would learn it there:
+        a sticky fdb entry on our port is not moved by learning."""
+        self.sandbox.run(["bridge", "fdb", "replace", self.mac, "dev", self.host_if, "master",
+                          "static", "sticky"])
+
     def dhcp(self, hostname: Optional[str] = None, timeout: float = 30) -> str:
         """Get a real lease from libvirt's dnsmasq; returns the address."""
         lease_file = os.path.join(self.sandbox.tmpdir, f"{self.ns}.lease")
