@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 import subprocess
 import time
 

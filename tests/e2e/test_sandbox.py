@@ -4,7 +4,6 @@ that see baked-in environment, under both of libvirt's firewall backends."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -31,8 +30,9 @@ def test_real_lease_and_external_reach(sandbox: Sandbox, firewall_backend):
     guest = sandbox.add_guest_netns("guest1", mac)
     ip = guest.dhcp(hostname="guest1")
     assert ip.startswith("192.0.2.")
-    with open(sandbox.lease_file("vnhbr0"), encoding="utf-8") as f:
-        leases = json.load(f)
+    # libvirt's leases helper may still be writing the status file when
+    # udhcpc has its address
+    leases = sandbox.wait_for(lambda: sandbox.leases("vnhbr0"), timeout=10, what="the lease file")
     assert [(e["mac-address"], e["ip-address"], e.get("hostname")) for e in leases] == [
         (mac, ip, "guest1")]
     assert leases[0]["expiry-time"] > 0
