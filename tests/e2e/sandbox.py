@@ -307,7 +307,8 @@ class Sandbox:
                  iptables: str = "nft",
                  firewalld: bool = False,
                  libvirt: str = "host",
-                 listen_tcp: bool = False):
+                 listen_tcp: bool = False,
+                 writable_root: bool = False):
         if firewall_backend not in ("iptables", "nftables"):
             raise ValueError(f"firewall_backend must be iptables or nftables, not {firewall_backend!r}")
         if iptables not in ("nft", "legacy"):
@@ -320,6 +321,11 @@ class Sandbox:
         # "9.0": Debian 12's stock libvirt, from a second root (libvirt_root.py)
         # that the holder chroots into; "host": the libvirt installed here.
         self.libvirt = libvirt
+        if writable_root and libvirt != "9.0":
+            raise ValueError("writable_root is for the libvirt 9.0 root")
+        # The 9.0 root is shared and cached: a sandbox that installs into it
+        # (a package test) gets an overlay of its own, gone with the sandbox.
+        self.writable_root = writable_root
         # A second host for `virsh migrate`: libvirtd also listens on TCP
         # (no auth: only the sandboxes' own link reaches it) and has a host
         # UUID of its own (libvirt refuses to migrate to "the same host").
@@ -505,22 +511,34 @@ class Sandbox:
         sandbox's network namespace, /dev, an empty /run; /tmp, /var/tmp and
         this checkout at their own paths, so test files and tools keep their
         names), then have the holder chroot into it."""
+        assert self.chroot is not None and self.holder is not None and self.holder.stdin is not None
         root = self.chroot
-        assert root is not None and self.holder is not None and self.holder.stdin is not None
         shared = ["/tmp", "/var/tmp", REPO]
         if not any(self.tmpdir.startswith(d + "/") for d in shared):
             shared.append(self.tmpdir)
-        for d in shared:
+        for d in shared:  # mount points (in the cached root: the overlay has them too)
             os.makedirs(os.path.join(root, d.lstrip("/")), exist_ok=True)
-        steps = [
-            ["mount", "--make-rprivate", "/"],
-            ["mount", "--bind", root, root],
+        steps = [["mount", "--make-rprivate", "/"]]
+        if self.writable_root:
+            layers = {d: os.path.join(self.tmpdir, f"root-{d}") for d in ("upper", "work", "merged")}
+            for d in layers.values():
+                os.makedirs(d)
+            steps.append(["mount", "-t", "overlay", "overlay", "-o",
+                          f"lowerdir={root},upperdir={layers['upper']},workdir={layers['work']}",
+                          layers["merged"]])
+            root = layers["merged"]
+        else:
+            steps.append(["mount", "--bind", root, root])
+        steps += [
             ["mount", "-t", "proc", "proc", f"{root}/proc"],
             ["mount", "-t", "sysfs", "sysfs", f"{root}/sys"],
             ["mount", "--rbind", "/dev", f"{root}/dev"],
-            ["mount", "--bind", "/dev/null", f"{root}/dev/kvm"],
             ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", f"{root}/run"],
         ]
+        if os.path.exists("/dev/kvm"):
+            # The guests are TCG; with this kind of machine's nested KVM,
+            # libvirt 9.0's capability probe waits ~30 s on every start.
+            steps.append(["mount", "--bind", "/dev/null", f"{root}/dev/kvm"])
         steps += [["mount", "--bind", d, os.path.join(root, d.lstrip("/"))] for d in shared]
         for argv in steps:
             self.run(argv)
