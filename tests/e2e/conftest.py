@@ -17,27 +17,33 @@ from sandbox import Sandbox, missing_requirements  # noqa: E402
 
 # libvirt's firewall_backend, and for iptables which iptables the host runs
 BACKENDS = ("iptables", "nftables", "iptables-legacy")
-# Debian 12's own libvirt 9.0 (iptables backend, iptables-nft), run from a
-# second root (libvirt_root.py); only for tests marked libvirt9, so that
-# the suite stays lean: the scenarios where libvirt's version matters.
-LIBVIRT9 = "libvirt-9.0"
+# Stock Debian roots with their own libvirt (libvirt_root.py): Debian 12's
+# 9.0 (iptables backend only) and Debian 13's 11.3 (with Python 3.13,
+# nftables 1.1, iptables 1.8.11), as "<distro>-<libvirt backend>". Only for
+# tests marked `distros`, so that the suite stays lean: the scenarios where
+# the host's versions matter.
+DISTROS = ("debian12-iptables", "debian13-iptables", "debian13-nftables")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: needs root and a real libvirtd (runs a private one)")
-    config.addinivalue_line("markers", "libvirt9: also runs on Debian 12's stock libvirt 9.0")
+    config.addinivalue_line("markers", "distros(*which): also runs on stock Debian roots "
+                            "(all of DISTROS, or those named)")
 
 
 def pytest_generate_tests(metafunc):
-    """firewall_backend: every backend of the installed libvirt, plus
-    libvirt 9.0's iptables for tests marked libvirt9."""
+    """firewall_backend: every backend of the installed libvirt, plus the
+    stock distro roots for tests marked `distros`."""
     if "firewall_backend" in metafunc.fixturenames:
         values = list(BACKENDS)
         # (not for the installed package: it is installed on this host, not
         # in the 9.0 root)
-        if (metafunc.definition.get_closest_marker("libvirt9")
-                and os.environ.get("VNETHOOK_E2E_INSTALLED") != "1"):
-            values.append(LIBVIRT9)
+        marker = metafunc.definition.get_closest_marker("distros")
+        if marker and os.environ.get("VNETHOOK_E2E_INSTALLED") != "1":
+            unknown = set(marker.args) - set(DISTROS)
+            if unknown:
+                raise ValueError(f"unknown distros {unknown}: one of {DISTROS}")
+            values += list(marker.args or DISTROS)
         metafunc.parametrize("firewall_backend", values)
 
 
@@ -74,6 +80,7 @@ def sandbox(make_sandbox, firewall_backend):
     """A sandbox per firewall backend (the test runs once for each)."""
     if firewall_backend == "iptables-legacy":
         return make_sandbox("iptables", iptables="legacy")
-    if firewall_backend == LIBVIRT9:
-        return make_sandbox("iptables", libvirt="9.0")
+    if firewall_backend in DISTROS:
+        distro, backend = firewall_backend.split("-")
+        return make_sandbox(backend, distro=distro)
     return make_sandbox(firewall_backend)

@@ -306,24 +306,26 @@ class Sandbox:
                  log_level: int = 3,
                  iptables: str = "nft",
                  firewalld: bool = False,
-                 libvirt: str = "host",
+                 distro: str = "host",
                  listen_tcp: bool = False,
                  writable_root: bool = False):
         if firewall_backend not in ("iptables", "nftables"):
             raise ValueError(f"firewall_backend must be iptables or nftables, not {firewall_backend!r}")
         if iptables not in ("nft", "legacy"):
             raise ValueError(f"iptables must be nft or legacy, not {iptables!r}")
-        if libvirt not in ("host", "9.0"):
-            raise ValueError(f"libvirt must be host or 9.0, not {libvirt!r}")
-        if libvirt == "9.0" and (firewall_backend != "iptables" or iptables != "nft" or firewalld):
-            raise ValueError("libvirt 9.0 (Debian 12's own) has only the iptables backend; "
-                             "its root runs iptables-nft and no firewalld")
-        # "9.0": Debian 12's stock libvirt, from a second root (libvirt_root.py)
-        # that the holder chroots into; "host": the libvirt installed here.
-        self.libvirt = libvirt
-        if writable_root and libvirt != "9.0":
-            raise ValueError("writable_root is for the libvirt 9.0 root")
-        # The 9.0 root is shared and cached: a sandbox that installs into it
+        if distro not in ("host", "debian12", "debian13"):
+            raise ValueError(f"distro must be host, debian12 or debian13, not {distro!r}")
+        if distro != "host" and (iptables != "nft" or firewalld):
+            raise ValueError("a distro root runs its stock iptables (nft) and no firewalld")
+        if distro == "debian12" and firewall_backend != "iptables":
+            raise ValueError("Debian 12's libvirt 9.0 has only the iptables backend")
+        # "host": the libvirt installed here; "debian12" (libvirt 9.0),
+        # "debian13" (11.3): a stock root of that release (libvirt_root.py)
+        # that the holder chroots into.
+        self.distro = distro
+        if writable_root and distro == "host":
+            raise ValueError("writable_root is for a distro root")
+        # A distro root is shared and cached: a sandbox that installs into it
         # (a package test) gets an overlay of its own, gone with the sandbox.
         self.writable_root = writable_root
         # A second host for `virsh migrate`: libvirtd also listens on TCP
@@ -379,13 +381,13 @@ class Sandbox:
         if why:
             raise SandboxError(why)
         t0 = time.monotonic()
-        if self.libvirt == "9.0":
+        if self.distro != "host":
             import libvirt_root
 
             try:
-                self.chroot = libvirt_root.ensure()
+                self.chroot = libvirt_root.ensure(self.distro)
             except libvirt_root.RootUnavailable as e:
-                raise SandboxError(f"no libvirt 9.0 root: {e}") from None
+                raise SandboxError(f"no {self.distro} root: {e}") from None
         self._prepare_trees()
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--net", "--fork", "--propagation", "private",
@@ -414,7 +416,7 @@ class Sandbox:
         for sub in ("qemu/networks/autostart", "qemu/autostart",
                     "hooks/qemu.d", "hooks/network.d"):
             os.makedirs(os.path.join(self.etc, sub), exist_ok=True)
-        if self.libvirt == "host":  # 9.0 has no network.conf (iptables only)
+        if self.distro != "debian12":  # 9.0 has no network.conf (iptables only)
             with open(os.path.join(self.etc, "network.conf"), "a", encoding="ascii") as f:
                 f.write(f'\nfirewall_backend = "{self.firewall_backend}"\n')
         with open(os.path.join(self.etc, "libvirtd.conf"), "a", encoding="ascii") as f:
@@ -499,7 +501,7 @@ class Sandbox:
 
     @property
     def cache_dir(self) -> str:
-        return CACHE_DIR if self.libvirt == "host" else f"{CACHE_DIR}-{self.libvirt}"
+        return CACHE_DIR if self.distro == "host" else f"{CACHE_DIR}-{self.distro}"
 
     def _outside(self, p: str) -> str:
         """Where the test process finds `p` of the sandbox's own root
@@ -532,13 +534,9 @@ class Sandbox:
         steps += [
             ["mount", "-t", "proc", "proc", f"{root}/proc"],
             ["mount", "-t", "sysfs", "sysfs", f"{root}/sys"],
-            ["mount", "--rbind", "/dev", f"{root}/dev"],
             ["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", f"{root}/run"],
         ]
-        if os.path.exists("/dev/kvm"):
-            # The guests are TCG; with this kind of machine's nested KVM,
-            # libvirt 9.0's capability probe waits ~30 s on every start.
-            steps.append(["mount", "--bind", "/dev/null", f"{root}/dev/kvm"])
+        steps += self._dev_steps(f"{root}/dev")
         steps += [["mount", "--bind", d, os.path.join(root, d.lstrip("/"))] for d in shared]
         for argv in steps:
             self.run(argv)
@@ -548,6 +546,30 @@ class Sandbox:
         if line.strip() != b"chrooted":
             raise SandboxError(f"the holder did not chroot into {root}: {line!r}")
         self._in_chroot = True
+
+    # Device nodes a distro root gets: what libvirt, QEMU (TCG, a tap NIC)
+    # and the tools need, and no /dev/kvm. The guests are TCG; with this kind
+    # of machine's nested KVM, libvirt 9.0's capability probe waits ~30 s on
+    # every daemon start, and a stand-in node makes 11.3 re-probe every time.
+    DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "net/tun")
+
+    @classmethod
+    def _dev_steps(cls, dev: str) -> List[List[str]]:
+        steps = [["mount", "-t", "tmpfs", "-o", "mode=755,nosuid", "tmpfs", dev],
+                 ["mkdir", "-p", f"{dev}/net", f"{dev}/pts", f"{dev}/shm"]]
+        for n in cls.DEV_NODES:
+            if os.path.exists(f"/dev/{n}"):
+                steps += [["touch", f"{dev}/{n}"], ["mount", "--bind", f"/dev/{n}", f"{dev}/{n}"]]
+        steps += [
+            ["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts",
+             f"{dev}/pts"],
+            ["ln", "-s", "pts/ptmx", f"{dev}/ptmx"],
+            ["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", f"{dev}/shm"],
+            ["ln", "-s", "/proc/self/fd", f"{dev}/fd"],
+        ]
+        steps += [["ln", "-s", f"/proc/self/fd/{i}", f"{dev}/{name}"]
+                  for i, name in enumerate(("stdin", "stdout", "stderr"))]
+        return steps
 
     # ---- D-Bus and firewalld (firewalld=True) ----------------------------
     def _start_dbus(self, timeout: float = 10) -> None:

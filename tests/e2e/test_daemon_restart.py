@@ -16,7 +16,7 @@ from outage import Probe
 from sandbox import Sandbox, mac_for
 from vnethook_env import VnethookEnv
 
-pytestmark = [pytest.mark.e2e, pytest.mark.libvirt9]
+pytestmark = [pytest.mark.e2e, pytest.mark.distros]
 
 HOST_EXT = "198.51.100.1"
 

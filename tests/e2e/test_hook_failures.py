@@ -37,12 +37,12 @@ HOST_EXT = "198.51.100.1"
 def sb(make_sandbox, request):
     """libvirt's iptables backend, of the libvirt installed here; tests
     marked with LIBVIRT_BOTH also run on Debian 12's own libvirt 9.0."""
-    return make_sandbox("iptables", libvirt=request.param)
+    return make_sandbox("iptables", distro=request.param)
 
 
 # What a daemon restart does to a guest whose hook fails (reconnect) is
 # libvirt's own code, so it is checked on both versions.
-LIBVIRT_BOTH = pytest.mark.parametrize("sb", ["host", "9.0"], indirect=True)
+LIBVIRT_BOTH = pytest.mark.parametrize("sb", ["host", "debian12"], indirect=True)
 
 
 def _reach(ext, port=8080, timeout=2):

@@ -24,7 +24,7 @@ import pytest
 from sandbox import PYTHON, Sandbox, mac_for
 from vnethook_env import VnethookEnv
 
-pytestmark = [pytest.mark.e2e, pytest.mark.libvirt9]
+pytestmark = [pytest.mark.e2e, pytest.mark.distros]
 
 HOST_EXT = "198.51.100.1"
 

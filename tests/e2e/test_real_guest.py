@@ -31,7 +31,7 @@ import guest_image
 from sandbox import PYTHON, TOOLS, Sandbox, mac_for
 from vnethook_env import VnethookEnv, without_new_empty_base_chains
 
-pytestmark = [pytest.mark.e2e, pytest.mark.libvirt9]
+pytestmark = [pytest.mark.e2e, pytest.mark.distros("debian12-iptables", "debian13-nftables")]
 
 HOST_EXT = "198.51.100.1"
 LEASEPROBE = os.path.join(TOOLS, "leaseprobe.py")
@@ -102,7 +102,7 @@ def test_real_guest_lease_forward_and_shutdown(sandbox: Sandbox, image, tmp_path
     boot = res["t_lease"] - t_start
     tcp_latency = res["t_tcp"] - res["t_lease"]
     udp_latency = res["t_udp"] - res["t_lease"]
-    print(f"\nreal guest (libvirt {sb.libvirt}, {sb.firewall_backend}/{sb.iptables}, {_accel()}): virsh start "
+    print(f"\nreal guest ({sb.distro}, {sb.firewall_backend}/{sb.iptables}, {_accel()}): virsh start "
           f"{t_started - t_start:.2f}s, start -> lease {boot:.2f}s, "
           f"lease -> forward answers: tcp {tcp_latency * 1000:.0f} ms, "
           f"udp {udp_latency * 1000:.0f} ms (image {'built' if image.built else 'cached'}, "

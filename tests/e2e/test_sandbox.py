@@ -13,7 +13,7 @@ from sandbox import Sandbox, mac_for
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.libvirt9
+@pytest.mark.distros
 def test_real_lease_and_external_reach(sandbox: Sandbox, firewall_backend):
     sandbox.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
     mac = mac_for(1)
@@ -22,7 +22,7 @@ def test_real_lease_and_external_reach(sandbox: Sandbox, firewall_backend):
     assert sandbox.virsh("domstate", "guest1").strip() == "running"
 
     # libvirt's firewall backend is the one asked for, in the sandbox only
-    if firewall_backend == "nftables":
+    if sandbox.firewall_backend == "nftables":
         assert "table ip libvirt_network" in sandbox.run(["nft", "list", "tables"]).stdout
     else:
         assert "LIBVIRT_FWI" in sandbox.run(["iptables", "-S", "FORWARD"]).stdout

@@ -34,7 +34,7 @@ def test_apt_install_on_debian12_libvirt9_then_publish(vnethook_deb, tmp_path):
     why = missing_requirements()
     if why:
         pytest.skip(why)
-    with Sandbox(libvirt="9.0", writable_root=True, tmpdir=str(tmp_path / "sb")) as sb:
+    with Sandbox(distro="debian12", writable_root=True, tmpdir=str(tmp_path / "sb")) as sb:
         # postinst looks for /run/libvirtd.pid, as the Debian service writes it
         sb.run(["ln", "-s", "/run/libvirt/vnethook-sandbox/libvirtd.pid", "/run/libvirtd.pid"])
         sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
