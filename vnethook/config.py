@@ -329,13 +329,19 @@ def guest_names_fast(paths) -> frozenset | None:
 
     Lets a hook skip guests without forwards without building the Config.
     """
+    view = fast_view(paths)
+    return None if view is None else view[0]
+
+
+def fast_view(paths) -> tuple | None:
+    """(configured guest names, on_error) from a valid warm cache, or None if unknown."""
     blob = _read_cache(paths)
     if blob is None:
         return None
     try:
         if not _cache_matches(blob, paths):
             return None
-        return frozenset(g[0] for g in blob[3][1])
+        return frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
     except Exception:
         return None
 
