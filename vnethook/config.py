@@ -1293,7 +1293,8 @@ def conflict_message(later: _Rule, earlier: _Rule) -> str:
 
 
 def check_main(path: str | None) -> int:
-    """`vnethook check`: validate the map, print every problem or a summary."""
+    """`vnethook check`: validate the map and the ports domains declare in
+    their metadata; print every problem or a summary."""
     from vnethook.paths import get_paths
 
     paths = get_paths(path)
@@ -1302,11 +1303,22 @@ def check_main(path: str | None) -> int:
     except ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
+        meta = check_metadata(paths, None)
+        for p in meta[0]:
+            print(p, file=sys.stderr)
         print(f"{len(e.problems)} problem(s) in the port map", file=sys.stderr)
+        if meta[0]:
+            print(f"{len(meta[0])} problem(s) in domain metadata", file=sys.stderr)
+        return 1
+    problems, merged, meta_guests = check_metadata(paths, cfg)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) in domain metadata", file=sys.stderr)
         return 1
     from vnethook.listeners import host_listeners, taken
 
-    for w in taken([r for g in cfg.guests.values() for r in g.forwards], host_listeners()):
+    for w in taken([r for g in merged.guests.values() for r in g.forwards], host_listeners()):
         print(w, file=sys.stderr)
     from vnethook.firewalld import strict_problem
 
@@ -1315,5 +1327,36 @@ def check_main(path: str | None) -> int:
         print(f"error: {strict}", file=sys.stderr)
         return 1
     forwards = sum(len(g.forwards) for g in cfg.guests.values())
-    print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s)")
+    tail = ""
+    if meta_guests:
+        n = sum(1 for g in merged.guests.values() for r in g.forwards if r.origin.startswith("domain "))
+        tail = f"; {n} forward(s) in the metadata of {meta_guests} domain(s)"
+    print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s){tail}")
     return 0
+
+
+def check_metadata(paths, cfg: Config | None):
+    """(problems, merged Config, domains with metadata) for `check`.
+
+    The domains vnethook can read without libvirt: the running ones
+    (/run/libvirt/qemu, their live XML) and the defined ones
+    (/etc/libvirt/qemu). A running guest is judged by its live metadata,
+    and its definition's problems are reported too; conflicts are looked for
+    across the map and every domain, as the hook would resolve them.
+    """
+    from vnethook import metadata
+
+    running = metadata.running(paths)
+    defined = metadata.defined(paths)
+    live = {m.domain for m in running}
+    metas = running + [m for m in defined if m.domain not in live]
+    base = cfg if cfg is not None else Config(Settings(), {}, ())
+    merged, by_domain = metadata.merge(base, metas)
+    source = {m.domain: m.source for m in metas}
+    problems = []
+    for d in sorted(by_domain):
+        problems.extend(f"{p} (in {source.get(d, '?')})" for p in by_domain[d])
+    for m in defined:
+        if m.domain in live:
+            problems.extend(f"{p} (in {m.source})" for p in m.problems)
+    return problems, merged, len(metas)
