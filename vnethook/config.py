@@ -1353,7 +1353,7 @@ def check_metadata(paths, cfg: Config | None):
     base = cfg if cfg is not None else Config(Settings(), {}, ())
     merged, by_domain = metadata.merge(base, metas)
     source = {m.domain: m.source for m in metas}
-    problems = []
+    problems: list = []
     for d in sorted(by_domain):
         problems.extend(f"{p} (in {source.get(d, '?')})" for p in by_domain[d])
     for m in defined:
