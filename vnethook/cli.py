@@ -93,6 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     cmd("firewalld-listen", _firewalld_listen,
         "follow firewalld on the system bus; re-apply forwards after each reload or restart")
 
+    sp = cmd("publish", _publish, "add forwards to a guest's metadata (or, with --map, to ports.d/DOMAIN.yaml);"
+                                  " a running guest gets them at once")
+    sp.add_argument("domain")
+    sp.add_argument("specs", nargs="+", metavar="SPEC", help="[HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL], as in the map")
+    sp.add_argument("--map", action="store_true", help="write the drop-in ports.d/DOMAIN.yaml instead of the metadata")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("unpublish", _unpublish, "remove forwards that publish added (metadata, or --map: ports.d/DOMAIN.yaml)")
+    sp.add_argument("domain")
+    sp.add_argument("specs", nargs="+", metavar="SPEC")
+    sp.add_argument("--map", action="store_true", help="edit the drop-in ports.d/DOMAIN.yaml instead of the metadata")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("ports", _ports, "each forward of each guest (or one): where it is written (file:line or metadata) and its state")
+    sp.add_argument("domain", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--config", metavar="PATH")
+
     sp = cmd("hook", _hook, "run a hook event by hand: hook qemu|network NAME OP SUBOP EXTRA < XML")
     sp.add_argument("kind", choices=("qemu", "network"))
     sp.add_argument("args", nargs=argparse.REMAINDER)
@@ -374,6 +392,27 @@ def _firewalld_listen(args) -> int:
     except NoDBus as e:
         sys.stderr.write(f"vnethook: firewalld-listen: {e}\n")
         return 1
+
+
+def _publish(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import publish
+
+    return publish(get_paths(), args.domain, args.specs, to_map=args.map)
+
+
+def _unpublish(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import publish
+
+    return publish(get_paths(), args.domain, args.specs, to_map=args.map, remove=True)
+
+
+def _ports(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import ports
+
+    return ports(get_paths(), args.domain, as_json=args.json)
 
 
 def _hook(args) -> int:
