@@ -211,3 +211,86 @@ def test_conflicts_yaml_wins_then_the_guest_running_first(sb, tmp_path):
     for name in ("m2", "web1"):
         sb.destroy(name)
     assert vh.our_rules() == [] and vh.records() == []
+
+
+def test_publish_unpublish_ports_save_restore(sb, tmp_path):
+    import os
+
+    from sandbox import PYTHON
+    from vnethook_env import INSTALLED, REPO
+
+    vh = VnethookEnv(sb, tmp_path)
+    vh.install()
+    sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
+    vh.write_map("guests:\n  web1: [7070:80]\n")
+    ext = sb.add_external()
+    mac = mac_for(67)
+    sb.define_domain("pub1", macs=[mac])
+    g = _guest(sb, "pub1", mac, "pub1")
+    before = vh.foreign_rules()
+    sb.start("pub1")
+    assert not _reach(ext, 8080, timeout=1).ok
+
+    cp = vh.run(vh.cli_argv("publish", "pub1", "8080:80", "5353:53/udp"))
+    assert "published 8080:80/tcp in the live and config metadata of pub1" in cp.stdout, cp.stdout
+    assert re.search(r"reachable now: \*:8080 -> 192\.0\.2\.\d+:80/tcp \(on every host address, from anywhere\)",
+                     cp.stdout), cp.stdout
+    assert _reach(ext, 8080).data == "pub1"
+    assert NS in sb.virsh("dumpxml", "pub1") and NS in sb.virsh("dumpxml", "pub1", "--inactive")
+    ours = sorted(vh.our_rules())
+    cp = vh.run(vh.cli_argv("publish", "pub1", "8080:80"))  # again: nothing changes, nothing doubles
+    assert sorted(vh.our_rules()) == ours
+    cp = vh.run(vh.cli_argv("ports", "pub1"))
+    assert re.search(r"pub1\s+\*:8080 -> 192\.0\.2\.\d+:80/tcp\s+domain pub1 metadata line \d+\s+active", cp.stdout), cp.stdout
+
+    # refused before anything is written: a bad spec, a conflict with the map
+    cp = vh.run(vh.cli_argv("publish", "pub1", "99999:80"), check=False)
+    assert cp.returncode == 1 and "'99999:80': host port 99999 out of range" in cp.stderr, cp.stderr
+    cp = vh.run(vh.cli_argv("publish", "pub1", "7070:80"), check=False)
+    assert cp.returncode == 1 and "of guest 'web1' at" in cp.stderr and "nothing was changed" in cp.stderr, cp.stderr
+    assert "7070" not in sb.virsh("dumpxml", "pub1")
+
+    # migrate and restore hook events print nothing (stdout would replace the XML)
+    xml = sb.virsh("dumpxml", "pub1")
+    hook = "/etc/libvirt/hooks/qemu.d/vnethook" if INSTALLED else os.path.join(REPO, "hooks", "qemu")
+    for op in ("migrate", "restore"):
+        cp = sb.run([PYTHON, hook, "pub1", op, "begin", "-"], input=xml, env=vh.env)
+        assert cp.returncode == 0 and cp.stdout == "", (op, cp)
+
+    # save/restore: the metadata comes back with the guest, the forward once
+    saved = str(vh.tmp / "pub1.save")
+    sb.virsh("save", "pub1", saved)
+    assert vh.our_rules() == []
+    sb.virsh("restore", saved)
+    assert sorted(vh.our_rules()) == ours
+    # (QEMU's RARP self-announce of the restored NIC: see the first test)
+    sb.wait_for(lambda: g.ping("192.0.2.1", timeout=1) and _reach(ext, 8080, timeout=0.5).ok,
+                timeout=10, what="the published forward after restore")
+
+    cp = vh.run(vh.cli_argv("unpublish", "pub1", "8080:80", "5353:53/udp"))
+    assert "no longer reachable" in cp.stdout, cp.stdout
+    assert not _reach(ext, 8080, timeout=1).ok
+    assert NS not in sb.virsh("dumpxml", "pub1") and NS not in sb.virsh("dumpxml", "pub1", "--inactive")
+    assert vh.our_rules() == []
+
+    # --map: a drop-in instead of the metadata
+    cp = vh.run(vh.cli_argv("publish", "--map", "pub1", "9090:80"))
+    dropin = vh.cfg / "ports.d" / "pub1.yaml"
+    assert dropin.exists() and "9090:80/tcp" in dropin.read_text()
+    assert _reach(ext, 9090).data == "pub1"
+    cp = vh.run(vh.cli_argv("ports"))
+    assert re.search(rf"pub1\s+\*:9090 -> \S+\s+{re.escape(str(dropin))}:\d+\s+active", cp.stdout), cp.stdout
+    vh.run(vh.cli_argv("unpublish", "--map", "pub1", "9090:80"))
+    assert not dropin.exists() and not _reach(ext, 9090, timeout=1).ok
+
+    # a guest that is not running: --config only, applied at its start
+    sb.destroy("pub1")
+    cp = vh.run(vh.cli_argv("publish", "pub1", "8443:80"))
+    assert "config metadata of pub1" in cp.stdout and "live" not in cp.stdout, cp.stdout
+    assert "not running" in cp.stdout
+    sb.start("pub1")
+    sb.wait_for(lambda: g.ping("192.0.2.1", timeout=1) and _reach(ext, 8443, timeout=0.5).ok,
+                timeout=10, what="the forward published while stopped")
+    sb.destroy("pub1")
+    assert vh.our_rules() == [] and vh.records() == []
+    vh.assert_same_foreign(before)
