@@ -567,3 +567,39 @@ def test_every_copy_of_the_namespace_is_the_same():
     for kind in ("qemu", "network"):
         with open(os.path.join(REPO, "hooks", kind), "rb") as f:
             assert NS.encode() in f.read()
+
+
+# ------------------------------------------------------- publish (no virsh)
+
+def test_publish_spec_round_trip_and_map_dropin(env, capsys):
+    from vnethook import publish
+
+    for spec in ("8080:80", "5353:53/udp", "30000-30009:40000-40009", "203.0.113.10:443:443", "[2001:db8::1]:8443:443/sctp"):
+        msgs: list = []
+        from vnethook.config import parse_short
+
+        p = parse_short(spec, msgs.append)
+        r = rule(p[2], p[3], p[0], p[1])
+        assert parse_short(publish.spec_of(r), msgs.append)[:4] == p[:4] and msgs == []
+    _map(env, "guests:\n  web1: [7070:80]\n")
+    assert publish.publish(env, "db", ["6379:6379", "5353:53/udp"], to_map=True) == 0
+    dropin = os.path.join(env.config, "ports.d", "db.yaml")
+    assert bare(load_config(env).guests["db"].forwards) == [
+        ("tcp", None, (6379, 6379), (6379, 6379), ()), ("udp", None, (5353, 5353), (53, 53), ())]
+    out = capsys.readouterr().out
+    assert f"published 6379:6379/tcp in {dropin}" in out and "db is not running" in out
+    # a conflict with the map is refused and leaves the drop-in as it was
+    with open(dropin) as f:
+        text = f.read()
+    assert publish.publish(env, "db", ["7070:71"], to_map=True) == 1
+    assert "overlaps tcp port 7070" in capsys.readouterr().err
+    with open(dropin) as f:
+        assert f.read() == text
+    assert publish.publish(env, "db", ["99999:1"], to_map=True) == 1
+    assert "'99999:1': host port 99999 out of range" in capsys.readouterr().err
+    # unpublish: a forward of the main file is named, not touched
+    assert publish.publish(env, "web1", ["7070:80"], to_map=True, remove=True) == 1
+    assert "it is at " in capsys.readouterr().err
+    assert publish.publish(env, "db", ["6379:6379", "5353:53/udp"], to_map=True, remove=True) == 0
+    assert not os.path.exists(dropin)
+    assert publish.publish(env, "../x", ["1:1"], to_map=True) == 1
