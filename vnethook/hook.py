@@ -20,6 +20,10 @@ map. Events that change something run in a child process
 (hookwork.isolated), so that not even a crash in C code (libnftables,
 libiptc, lxml, libyaml) turns into a failing exit. What the hook scripts do
 when this package cannot even be imported: GUARD in install.py.
+
+A guest may also declare ports in its own <metadata> (metadata.py): the
+namespace's bytes in stdin send its events to the worker, like a map entry
+does; a guest with neither still costs no parsing at all.
 """
 
 from __future__ import annotations
