@@ -168,7 +168,7 @@ def test_conflicts_yaml_wins_then_the_guest_running_first(sb, tmp_path):
     vh.write_map("guests:\n  web1: [8080:80]\n")
     ext = sb.add_external()
     m_web, m1, m2 = mac_for(64), mac_for(65), mac_for(66)
-    sb.define_domain("web1", macs=[m_web])
+    _define_with_metadata(sb, "web1", m_web, ["8085:80"])  # in the YAML and in its metadata: the union
     _guest(sb, "web1", m_web, "web1")
     _define_with_metadata(sb, "m1", m1, ["8080:80", "8081:80"])  # 8080 is the YAML's
     _guest(sb, "m1", m1, "m1")
@@ -180,6 +180,10 @@ def test_conflicts_yaml_wins_then_the_guest_running_first(sb, tmp_path):
     assert _reach(ext, 8080).data == "web1"
     assert _reach(ext, 8081).data == "m1"
     assert _reach(ext, 8082).data == "m2"
+    assert _reach(ext, 8085).data == "web1"
+    cp = vh.run(vh.cli_argv("ports", "m2"))
+    assert re.search(r"m2\s+-\s+domain m2 metadata line \d+\s+refused: forward of tcp port 8081", cp.stdout), cp.stdout
+    assert re.search(r"m2\s+\*:8082 -> \S+\s+domain m2 metadata line \d+\s+active", cp.stdout), cp.stdout
     log = vh.log_text()
     assert re.search(r"domain m1: metadata line \d+: <vnethook:forward>: forward of tcp port 8080 on every host "
                      r"address overlaps tcp port 8080 on every host address of guest 'web1' at \S+/ports.yaml:2", log), log
