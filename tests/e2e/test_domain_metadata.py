@@ -83,6 +83,8 @@ def test_ports_only_in_metadata_start_reach_stop_exactly(sandbox, vh):
     assert len(g_st["installed"]) == 2
     cp = vh.run(vh.cli_argv("plan", "meta1"))
     assert re.search(r"domain meta1 metadata line \d+", cp.stdout), cp.stdout
+    cp = vh.run(vh.cli_argv("doctor", "meta1", "8080"), check=False)
+    assert cp.returncode == 0 and "meta1: *:8080 -> " in cp.stdout, cp.stdout
     cp = vh.run(vh.cli_argv("sync"))
     assert "0 updated, 0 removed, 1 unchanged" in cp.stdout, cp.stdout  # the status file reads the same
     cp = vh.run(vh.cli_argv("check"))
