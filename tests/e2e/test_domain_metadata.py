@@ -95,6 +95,10 @@ def test_ports_only_in_metadata_start_reach_stop_exactly(sandbox, vh):
     # the XML), and the forward comes back once, not twice
     if sb.firewall_backend == "iptables" and sb.iptables == "nft":
         ours = sorted(vh.our_rules())
+        # a daemon restart: `reconnect` reads the metadata again, changes nothing, kills nothing
+        sb.restart_libvirtd()
+        assert _running(sb, "meta1") and sorted(vh.our_rules()) == ours
+        assert _reach(ext, 8080).data == "meta1 tcp"
         saved = str(vh.tmp / "meta1.save")
         sb.virsh("save", "meta1", saved)
         assert not _reach(ext, 8080, timeout=1).ok and vh.our_rules() == []
