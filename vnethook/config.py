@@ -793,15 +793,13 @@ def sweep_rule(rule, guest, order, families, place, findex=0, file="", line=0, c
 
 
 def overlaps(rules):
-    """Yield (rule, others) for every rule that overlaps rules before it in
+    """Yield (rule, other) for every rule that overlaps a rule before it in
     the sweep: the same protocol, overlapping host ports, on the same host
     address or a wildcard of the same family (a 127.x address only on the
-    same address). `others` lists every such rule, the one that was checked
-    first first (check_conflicts reports that one).
+    same address). `other` is the first such rule found.
 
     A sweep over port ranges per protocol with heaps of the rules still
-    "open" at the current port: linear-ish even for huge maps. Once the
-    heaps' expired tops are popped, everything left in them is open.
+    "open" at the current port: linear-ish even for huge maps.
     """
     import heapq
 
@@ -821,15 +819,15 @@ def overlaps(rules):
                     heaps.append(wild[r.family])
             else:
                 heaps = [h for f in sorted(r.families) for h in (wild[f], explicit[f])]
-            others = []
+            other = None
             for h in heaps:
                 while h and h[0][0] < lo:
                     heapq.heappop(h)
                 if h:
-                    others.append(h[0][2])
-                    others.extend(item[2] for item in h[1:])
-            if others:
-                yield r, others
+                    other = h[0][2]
+                    break
+            if other is not None:
+                yield r, other
             item = (r.rule.host_ports[1], r.order, r)
             if r.family is not None:
                 heapq.heappush(exact.setdefault(r.rule.host_address, []), item)
@@ -838,6 +836,55 @@ def overlaps(rules):
             else:
                 for f in r.families:
                     heapq.heappush(wild[f], item)
+
+
+class Claims:
+    """The forwards kept so far, to ask whether a new one overlaps any of
+    them, with the semantics of overlaps() (for one map from two sources:
+    metadata.merge keeps forwards in order of precedence).
+
+    Wildcards and specific non-loopback addresses are kept as port bitmaps
+    per protocol and family (a range costs one slice assignment, a query one
+    bytes.find); forwards on one specific address are few, and listed.
+    """
+
+    def __init__(self):
+        self.bits: dict = {}  # (kind, protocol, family) -> bytearray, kind "wild" | "explicit"
+        self.rules: dict = {}  # (kind, protocol, family or address) -> [_Rule]
+
+    def holder(self, r: _Rule):
+        """The earliest kept forward that `r` overlaps, or None."""
+        lo, hi = r.rule.host_ports
+        p = r.rule.protocol
+        if r.family is not None:
+            exact = [o for o in self.rules.get(("exact", p, r.rule.host_address), ())
+                     if o.rule.host_ports[0] <= hi and lo <= o.rule.host_ports[1]]
+            if exact:
+                return min(exact, key=lambda o: o.order)
+            keys = [] if r.loopback else [("wild", p, r.family)]
+        else:
+            keys = [(kind, p, f) for f in sorted(r.families) for kind in ("wild", "explicit")]
+        for k in keys:
+            bits = self.bits.get(k)
+            if bits is not None and bits.find(1, lo, hi + 1) >= 0:
+                return min((o for o in self.rules[k] if o.rule.host_ports[0] <= hi and lo <= o.rule.host_ports[1]),
+                           key=lambda o: o.order)
+        return None
+
+    def add(self, r: _Rule) -> None:
+        lo, hi = r.rule.host_ports
+        p = r.rule.protocol
+        if r.family is not None:
+            self.rules.setdefault(("exact", p, r.rule.host_address), []).append(r)
+            keys = [] if r.loopback else [("explicit", p, r.family)]
+        else:
+            keys = [("wild", p, f) for f in r.families]
+        for k in keys:
+            bits = self.bits.get(k)
+            if bits is None:
+                bits = self.bits[k] = bytearray(65537)
+            bits[lo : hi + 1] = b"\x01" * (hi - lo + 1)
+            self.rules.setdefault(k, []).append(r)
 
 
 class _Validator:
@@ -1251,8 +1298,7 @@ class _Validator:
     def check_conflicts(self):
         """Find forwards that claim the same host address, port and protocol (see overlaps())."""
         reported = set()
-        for r, others in overlaps(self.rules):
-            other = others[0]
+        for r, other in overlaps(self.rules):
             later, earlier = (r, other) if r.order > other.order else (other, r)
             if later.order not in reported:
                 reported.add(later.order)

@@ -469,21 +469,19 @@ def merge(cfg, metas, current: "Optional[str]" = None) -> "Tuple[object, Dict[st
             meta_rules[len(rules)] = (md.domain, line)
             rules.append(c.sweep_rule(rule, md.domain, len(rules), fams, rule.origin))
         merged[md.domain] = (y, addresses, interface, allow, md)
-    # Who overlaps whom; then keep the rules in order, each only if nothing kept before it overlaps it.
-    partners: Dict[int, list] = {}
-    for r, others in c.overlaps(list(rules)):
-        for o in others:
-            if r.order >= n_yaml or o.order >= n_yaml:
-                partners.setdefault(r.order, []).append(o)
-                partners.setdefault(o.order, []).append(r)
+    # Keep the rules in order of precedence, each only if it overlaps none kept before it.
+    claims = c.Claims()
+    for r in rules[:n_yaml]:
+        claims.add(r)  # the YAML's: valid, so free of overlaps among themselves
     refused = set()
     for i in sorted(meta_rules):
-        earlier = [o for o in partners.get(i, ()) if o.order < i and o.order not in refused]
-        if earlier:
-            first = min(earlier, key=lambda o: o.order)
-            refused.add(i)
-            d, line = meta_rules[i]
-            problems[d].append(f"{where(d, line, 'forward')}: {c.conflict_message(rules[i], first)}")
+        first = claims.holder(rules[i])
+        if first is None:
+            claims.add(rules[i])
+            continue
+        refused.add(i)
+        d, line = meta_rules[i]
+        problems[d].append(f"{where(d, line, 'forward')}: {c.conflict_message(rules[i], first)}")
     guests = dict(cfg.guests)
     kept: Dict[str, list] = {}
     for i, (d, _line) in meta_rules.items():

@@ -603,3 +603,60 @@ def test_publish_spec_round_trip_and_map_dropin(env, capsys):
     assert publish.publish(env, "db", ["6379:6379", "5353:53/udp"], to_map=True, remove=True) == 0
     assert not os.path.exists(dropin)
     assert publish.publish(env, "../x", ["1:1"], to_map=True) == 1
+
+
+def _clash(a, b, fams_a, fams_b) -> bool:
+    """The documented conflict rule, pair by pair (the slow, obvious way)."""
+    if a.protocol != b.protocol or a.host_ports[1] < b.host_ports[0] or b.host_ports[1] < a.host_ports[0]:
+        return False
+    if a.host_address and b.host_address:
+        return a.host_address == b.host_address
+    if not a.host_address and not b.host_address:
+        return bool(fams_a & fams_b)
+    spec, wild_fams = (a, fams_b) if a.host_address else (b, fams_a)
+    if spec.host_address.startswith("127."):
+        return False
+    return (6 if ":" in spec.host_address else 4) in wild_fams
+
+
+def test_merge_keeps_exactly_what_the_pairwise_rule_keeps():
+    import random
+
+    rnd = random.Random(14)
+    hosts = [None, None, "203.0.113.10", "203.0.113.11", "127.0.0.1", "2001:db8::1"]
+    for _ in range(60):
+        metas = []
+        for gi in range(rnd.randint(1, 5)):
+            body = []
+            for _ in range(rnd.randint(1, 6)):
+                lo = rnd.randint(1, 30)
+                hi = lo + rnd.choice([0, 0, 0, 3])
+                h = rnd.choice(hosts)
+                host = "" if h is None else (f"[{h}]:" if ":" in h else f"{h}:")
+                body.append(f"<vnethook:forward>{host}{lo}-{hi}:{lo}-{hi}/{rnd.choice(['tcp', 'udp'])}</vnethook:forward>")
+            attrs = rnd.choice(["", "", ' address="192.0.2.9"', ' address="2001:db8::9"'])
+            metas.append(meta(f"g{gi}", "\n".join(body), dom_id=gi, attrs=attrs))
+        cfg = yaml_cfg(y=[rule((10, 12), (10, 12)), rule(20, 20, host="203.0.113.10")])
+        merged, _ = metadata.merge(cfg, metas)
+        kept = [(r, frozenset((4, 6))) for r in cfg.guests["y"].forwards]
+        for md in metas:  # ids ascending = precedence
+            fams = frozenset(6 if ":" in a else 4 for a in md.addresses) or frozenset((4, 6))
+            want = []
+            for r, _line in md.forwards:
+                if r.host_address and md.addresses and (6 if ":" in r.host_address else 4) not in fams:
+                    continue
+                if not any(_clash(r, k, fams, kf) for k, kf in kept):
+                    kept.append((r, fams))
+                    want.append(r)
+            assert list(merged.guests[md.domain].forwards) == want
+
+
+def test_thousands_of_identical_metadata_forwards_merge_fast():
+    import time
+
+    body = "\n".join("<vnethook:forward>8080:80</vnethook:forward>" for _ in range(5000))
+    md = meta("a", body)
+    t = time.perf_counter()
+    merged, problems = metadata.merge(yaml_cfg(web1=[rule(9090, 90)]), [md])
+    assert time.perf_counter() - t < 2.0
+    assert len(merged.guests["a"].forwards) == 1 and len(problems["a"]) == 4999
