@@ -443,12 +443,8 @@ def merge(cfg, metas, current: "Optional[str]" = None) -> "Tuple[object, Dict[st
         return cfg, problems
     order = sorted(metas, key=lambda m: (m.domain == current, m.domain_id is None, m.domain_id or 0, m.domain))
     seen = set()
-    rules: list = []
-    for g in cfg.guests.values():
-        fams = c.families_of(g.addresses)
-        for r in g.forwards:
-            rules.append(c.sweep_rule(r, g.name, len(rules), fams, r.origin))
-    n_yaml = len(rules)
+    n_yaml = sum(len(g.forwards) for g in cfg.guests.values())  # the YAML's orders come first
+    rules: list = [None] * n_yaml
     merged: dict = {}
     meta_rules: dict = {}  # sweep order -> (domain, line)
     for md in order:
@@ -471,7 +467,7 @@ def merge(cfg, metas, current: "Optional[str]" = None) -> "Tuple[object, Dict[st
         merged[md.domain] = (y, addresses, interface, allow, md)
     # Keep the rules in order of precedence, each only if it overlaps none kept before it.
     claims = c.Claims()
-    for r in rules[:n_yaml]:
+    for r in _yaml_near(c, cfg, [rules[i] for i in meta_rules]):
         claims.add(r)  # the YAML's: valid, so free of overlaps among themselves
     refused = set()
     for i in sorted(meta_rules):
@@ -499,6 +495,39 @@ def merge(cfg, metas, current: "Optional[str]" = None) -> "Tuple[object, Dict[st
     out = c.Config(cfg.settings, guests, cfg.files)
     object.__setattr__(out, "_yaml", cfg)
     return out, problems
+
+
+def _yaml_near(c, cfg, candidates) -> list:
+    """The YAML's forwards (as sweep rules, in map order) that share a
+    protocol and a host port with some candidate: the only ones that can
+    conflict. A hook checking one guest's few forwards against a map of
+    thousands builds a handful of them, not thousands."""
+    import bisect
+
+    spans: dict = {}
+    for r in candidates:
+        spans.setdefault(r.rule.protocol, []).append(r.rule.host_ports)
+    index = {}
+    for proto, ps in spans.items():
+        ps.sort()
+        reach, top = [], 0
+        for _lo, hi in ps:
+            top = max(top, hi)
+            reach.append(top)  # the highest port covered by the spans up to here
+        index[proto] = ([lo for lo, _ in ps], reach)
+    out = []
+    order = 0
+    for g in cfg.guests.values():
+        fams = None
+        for r in g.forwards:
+            ix = index.get(r.protocol)
+            if ix is not None:
+                i = bisect.bisect_right(ix[0], r.host_ports[1]) - 1  # the last span starting at or below hi
+                if i >= 0 and ix[1][i] >= r.host_ports[0]:
+                    fams = fams or c.families_of(g.addresses)
+                    out.append(c.sweep_rule(r, g.name, order, fams, r.origin))
+            order += 1
+    return out
 
 
 def for_guest(paths, cfg, name: str, data) -> "Tuple[object, List[str]]":
