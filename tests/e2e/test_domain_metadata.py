@@ -13,6 +13,7 @@ metadata (the one running first wins), as the hook decides them and as
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -109,6 +110,8 @@ def test_ports_only_in_metadata_start_reach_stop_exactly(sandbox, vh):
         # the same MAC, speaks again. A real guest has no such twin.
         sb.wait_for(lambda: g.ping("192.0.2.1", timeout=1) and _reach(ext, 8080, timeout=0.5).ok,
                     timeout=10, what="the forward after restore")
+        time.sleep(1.5)  # the announce rounds are over (QEMU's default: 5 within a second)
+        g.ping("192.0.2.1", timeout=1)
         assert _reach(ext, 8080).data == "meta1 tcp"
         assert sorted(vh.our_rules()) == ours
 
@@ -260,6 +263,16 @@ def test_publish_unpublish_ports_save_restore(sb, tmp_path):
     assert cp.returncode == 1 and "of guest 'web1' at" in cp.stderr and "nothing was changed" in cp.stderr, cp.stderr
     assert "7070" not in sb.virsh("dumpxml", "pub1")
 
+    # --map: a drop-in instead of the metadata
+    cp = vh.run(vh.cli_argv("publish", "--map", "pub1", "9090:80"))
+    dropin = vh.cfg / "ports.d" / "pub1.yaml"
+    assert dropin.exists() and "9090:80/tcp" in dropin.read_text()
+    assert _reach(ext, 9090).data == "pub1"
+    cp = vh.run(vh.cli_argv("ports"))
+    assert re.search(rf"pub1\s+\*:9090 -> \S+\s+{re.escape(str(dropin))}:\d+\s+active", cp.stdout), cp.stdout
+    vh.run(vh.cli_argv("unpublish", "--map", "pub1", "9090:80"))
+    assert not dropin.exists() and not _reach(ext, 9090, timeout=1).ok
+
     # migrate and restore hook events print nothing (stdout would replace the XML)
     xml = sb.virsh("dumpxml", "pub1")
     hook = "/etc/libvirt/hooks/qemu.d/vnethook" if INSTALLED else os.path.join(REPO, "hooks", "qemu")
@@ -282,16 +295,6 @@ def test_publish_unpublish_ports_save_restore(sb, tmp_path):
     assert not _reach(ext, 8080, timeout=1).ok
     assert NS not in sb.virsh("dumpxml", "pub1") and NS not in sb.virsh("dumpxml", "pub1", "--inactive")
     assert vh.our_rules() == []
-
-    # --map: a drop-in instead of the metadata
-    cp = vh.run(vh.cli_argv("publish", "--map", "pub1", "9090:80"))
-    dropin = vh.cfg / "ports.d" / "pub1.yaml"
-    assert dropin.exists() and "9090:80/tcp" in dropin.read_text()
-    assert _reach(ext, 9090).data == "pub1"
-    cp = vh.run(vh.cli_argv("ports"))
-    assert re.search(rf"pub1\s+\*:9090 -> \S+\s+{re.escape(str(dropin))}:\d+\s+active", cp.stdout), cp.stdout
-    vh.run(vh.cli_argv("unpublish", "--map", "pub1", "9090:80"))
-    assert not dropin.exists() and not _reach(ext, 9090, timeout=1).ok
 
     # a guest that is not running: --config only, applied at its start
     sb.destroy("pub1")
