@@ -307,3 +307,23 @@ def test_publish_unpublish_ports_save_restore(sb, tmp_path):
     sb.destroy("pub1")
     assert vh.our_rules() == [] and vh.records() == []
     vh.assert_same_foreign(before)
+
+
+def test_a_late_lease_reaches_a_metadata_guest_through_the_watcher(sb, tmp_path):
+    vh = VnethookEnv(sb, tmp_path)
+    vh.install()
+    sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
+    vh.write_map("settings: {lease_watch: waiter}\n")
+    ext = sb.add_external()
+    mac = mac_for(68)
+    _define_with_metadata(sb, "late1", mac, ["8080:80"])
+    sb.start("late1")  # no lease yet: the forward waits, the hook starts the watcher
+    g = sb.add_guest_netns("late1", mac)
+    g.serve_tcp(80, "late1")
+    assert vh.records_of("late1")["waiting"], vh.records()
+    assert not _reach(ext, 8080, timeout=1).ok
+    g.dhcp(hostname="late1")
+    sb.wait_for(lambda: _reach(ext, 8080, timeout=0.5).ok, timeout=10, what="the metadata forward after the lease")
+    assert _reach(ext, 8080).data == "late1"
+    sb.destroy("late1")
+    assert vh.our_rules() == [] and vh.records() == []
