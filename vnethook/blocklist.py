@@ -11,7 +11,8 @@ guard reads with plain file operations (see install.GUARD):
     db1
 
 one domain name per line, all the map's guests when `on_error: block`,
-none otherwise. A missing file means "never loaded": nothing may fail.
+none otherwise. Under block the header says `+metadata`: then the start of
+any guest whose domain XML carries vnethook metadata fails as well. A missing file means "never loaded": nothing may fail.
 
 It lives in /var/lib/vnethook (it must survive a reboot, unlike the state
 in /run: a guest autostarted at boot with a broken install is exactly the
@@ -27,6 +28,12 @@ import os
 DEFAULT_FILE = "/var/lib/vnethook/block-guests"
 NAME = "block-guests"
 HEADER = b"# vnethook block-guests 1: guests whose start fails while vnethook cannot run (on_error: block)\n"
+# With on_error: block, the start of a guest whose domain XML carries
+# vnethook metadata (vnethook/metadata.py) fails too; the guard finds the
+# namespace's bytes in the XML on its stdin.
+HEADER_METADATA = (b"# vnethook block-guests 1 +metadata: guests whose start fails while vnethook cannot run"
+                   b" (on_error: block), and every guest with vnethook metadata\n")
+METADATA_MARK = b"# vnethook block-guests 1 +metadata:"
 MAX_SIZE = 1 << 20
 
 
@@ -40,8 +47,9 @@ def path(state_dir: "str | None" = None) -> str:
 
 
 def render(cfg) -> bytes:
-    names = sorted(cfg.guests) if cfg.settings.on_error == "block" else []
-    out = [HEADER]
+    block = cfg.settings.on_error == "block"
+    names = sorted(getattr(cfg, "_yaml", cfg).guests) if block else []
+    out = [HEADER_METADATA if block else HEADER]
     for n in names:
         if "\n" in n or "\r" in n:
             continue  # libvirt refuses such names; a line per name cannot hold one
@@ -94,9 +102,24 @@ def read(state_dir: "str | None" = None) -> "set | None":
     return set(data.split(b"\n")[1:]) - {b""}
 
 
-def blocks(paths, name: "str | None") -> bool:
-    """Did the last valid map say `on_error: block` for this guest?"""
+def blocks(paths, name: "str | None", data: bytes = b"") -> bool:
+    """Did the last valid map say `on_error: block` for this guest? `data`:
+    its domain XML, whose vnethook metadata counts under block too."""
     if not name:
         return False
     names = read(paths.state_dir)
-    return names is not None and name.encode("utf-8", "surrogateescape") in names
+    if names is None:
+        return False
+    if name.encode("utf-8", "surrogateescape") in names:
+        return True
+    from vnethook.hook import METADATA_NS
+
+    return bool(data) and METADATA_NS in data and _marked(paths.state_dir)
+
+
+def _marked(state_dir) -> bool:
+    try:
+        with open(path(state_dir), "rb") as f:
+            return f.read(len(METADATA_MARK)) == METADATA_MARK
+    except OSError:
+        return False

@@ -93,6 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     cmd("firewalld-listen", _firewalld_listen,
         "follow firewalld on the system bus; re-apply forwards after each reload or restart")
 
+    sp = cmd("publish", _publish, "add forwards to a guest's metadata (or, with --map, to ports.d/DOMAIN.yaml);"
+                                  " a running guest gets them at once")
+    sp.add_argument("domain")
+    sp.add_argument("specs", nargs="+", metavar="SPEC", help="[HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL], as in the map")
+    sp.add_argument("--map", action="store_true", help="write the drop-in ports.d/DOMAIN.yaml instead of the metadata")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("unpublish", _unpublish, "remove forwards that publish added (metadata, or --map: ports.d/DOMAIN.yaml)")
+    sp.add_argument("domain")
+    sp.add_argument("specs", nargs="+", metavar="SPEC")
+    sp.add_argument("--map", action="store_true", help="edit the drop-in ports.d/DOMAIN.yaml instead of the metadata")
+    sp.add_argument("--config", metavar="PATH")
+
+    sp = cmd("ports", _ports, "each forward of each guest (or one): where it is written (file:line or metadata) and its state")
+    sp.add_argument("domain", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--config", metavar="PATH")
+
     sp = cmd("hook", _hook, "run a hook event by hand: hook qemu|network NAME OP SUBOP EXTRA < XML")
     sp.add_argument("kind", choices=("qemu", "network"))
     sp.add_argument("args", nargs=argparse.REMAINDER)
@@ -129,11 +147,16 @@ def _plan(args) -> int:
     if config is None:
         return 1
     domain: "libvirt.Domain | None"
+    running = False
     if args.domain_xml:
         with open(args.domain_xml, "rb") as f:
-            domain = libvirt.parse_domain(f.read(), source=args.domain_xml)
+            xml, source = f.read(), args.domain_xml
+        domain = libvirt.parse_domain(xml, source=source)
     else:
-        domain = libvirt.running_domain(paths, args.domain)
+        source = paths.running_domain_xml(args.domain)
+        data = libvirt._read_file(source) if libvirt._safe_name(args.domain) else None
+        running = data is not None
+        domain = libvirt.parse_domain(data, source=source) if data is not None else None
         if domain is None:
             # Not running: its persistent definition says which NICs it will have.
             import os
@@ -141,7 +164,8 @@ def _plan(args) -> int:
             defined = os.path.join(paths.libvirt_etc, "qemu", f"{args.domain}.xml")
             try:
                 with open(defined, "rb") as f:
-                    domain = libvirt.parse_domain(f.read(), source=defined)
+                    data, source = f.read(), defined
+                domain = libvirt.parse_domain(data, source=defined)
             except FileNotFoundError:
                 domain = None
             if domain is None:
@@ -152,20 +176,37 @@ def _plan(args) -> int:
                 )
                 return 1
             sys.stderr.write(f"vnethook: {args.domain} is not running: planned from {defined}\n")
+        xml = data or b""
     assert domain is not None
     if domain.name != args.domain:
         sys.stderr.write(f"vnethook: the XML describes '{domain.name}', not '{args.domain}'\n")
         return 1
     engine = Engine(paths, config)
+    # The ports it declares in its own metadata, against the map and the
+    # other running guests' (a guest that is not running would start last).
+    from vnethook import metadata
+
+    md = metadata.read(xml, domain.name, source=source)
+    others = metadata.running(paths, exclude=domain.name)
+    meta_problems: list = []
+    if md is not None or others:
+        engine.config, problems = metadata.merge(
+            config, others + ([md] if md is not None else []), current=None if running else domain.name)
+        meta_problems = problems.get(domain.name, [])
     plan = engine.plan_domain(domain)
     installed = _installed_problems(paths, engine, domain.name)
+    if plan is not None and meta_problems:
+        from vnethook.plan import Plan
+
+        plan = Plan(plan.domain, plan.forwards, plan.waiting, tuple(f"{p} (not forwarded)" for p in meta_problems)
+                    + plan.errors, plan.addresses, plan.pending)
     if plan is None:
         for p in installed:
             sys.stderr.write(f"vnethook: {p}\n")
         if args.json:
             print(json.dumps({"domain": domain.name, "configured": False, "forwards": []}, indent=2))
         else:
-            print(f"{domain.name}: not in the port map; vnethook leaves it alone")
+            print(f"{domain.name}: not in the port map and no vnethook metadata; vnethook leaves it alone")
         return 1 if installed else 0
     if args.json:
         d = plan.to_dict()
@@ -351,6 +392,27 @@ def _firewalld_listen(args) -> int:
     except NoDBus as e:
         sys.stderr.write(f"vnethook: firewalld-listen: {e}\n")
         return 1
+
+
+def _publish(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import publish
+
+    return publish(get_paths(), args.domain, args.specs, to_map=args.map)
+
+
+def _unpublish(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import publish
+
+    return publish(get_paths(), args.domain, args.specs, to_map=args.map, remove=True)
+
+
+def _ports(args) -> int:
+    from vnethook.paths import get_paths
+    from vnethook.publish import ports
+
+    return ports(get_paths(), args.domain, as_json=args.json)
 
 
 def _hook(args) -> int:

@@ -329,13 +329,19 @@ def guest_names_fast(paths) -> frozenset | None:
 
     Lets a hook skip guests without forwards without building the Config.
     """
+    view = fast_view(paths)
+    return None if view is None else view[0]
+
+
+def fast_view(paths) -> tuple | None:
+    """(configured guest names, on_error) from a valid warm cache, or None if unknown."""
     blob = _read_cache(paths)
     if blob is None:
         return None
     try:
         if not _cache_matches(blob, paths):
             return None
-        return frozenset(g[0] for g in blob[3][1])
+        return frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
     except Exception:
         return None
 
@@ -556,10 +562,213 @@ def _one_of(choices) -> str:
     return ", ".join(choices)
 
 
-class _Rule:
-    __slots__ = ("rule", "guest", "file", "findex", "line", "col", "order", "families", "loopback", "family")
+# --------------------------------------------------------------------------
+# Per-value checks, shared by both front ends: the YAML validator below and
+# the domain metadata reader (vnethook/metadata.py). Each takes the text as
+# written and `report(message)`, which places the message (FILE:LINE:COL
+# for YAML, "domain NAME: metadata line L: <element>:" for metadata), so
+# one value is judged, and worded, the same way wherever it was written.
 
-    def __init__(self, rule, guest, file, findex, line, col, order, families, loopback, family):
+
+def parse_short(raw: str, report):
+    """The short form `[HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL]`:
+    (protocol, host, host_ports, guest_ports, ()) or None; problems go to report."""
+    text = raw.strip()
+    host = None
+    rest = text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            report(f"invalid forward '{raw}' ({SHORT_FORM})")
+            return None
+        host, rest = text[1:end], text[end + 2 :]
+    proto = "tcp"
+    if "/" in rest:
+        rest, proto = rest.rsplit("/", 1)
+    parts = rest.split(":")
+    if host is None and len(parts) == 3:
+        host, parts = parts[0], parts[1:]
+    if len(parts) == 1:
+        report(f"forward '{raw}' has no guest port ({SHORT_FORM})")
+        return None
+    if len(parts) != 2:
+        if host is None and text.count(":") > 3:
+            report(f"forward '{raw}': an IPv6 host address must be in brackets (expected e.g. \"[2001:db8::1]:8443:443\")")
+        else:
+            report(f"invalid forward '{raw}' ({SHORT_FORM})")
+        return None
+    hp = check_ports(parts[0], "host", report)
+    gp = check_ports(parts[1], "guest", report)
+    proto = check_protocol(proto, report)
+    if host is not None:
+        host = check_host_address(host, report)
+    if hp and gp:
+        check_same_length(hp, gp, report)
+    return proto, host, hp, gp, ()
+
+
+def check_ports(text: str, role: str, report) -> tuple[int, int] | None:
+    s = text.strip()
+    if s.isascii() and (s.isdigit() or (s.startswith("-") and s[1:].isdigit())):
+        lo = hi = int(s)
+    elif s.isascii() and s.count("-") == 1 and all(p.isdigit() for p in s.split("-")):
+        lo, hi = (int(p) for p in s.split("-"))
+    else:
+        report(f"invalid {role} port '{s}' ({_PORT_EXPECT})")
+        return None
+    ok = True
+    for p in (lo,) if lo == hi else (lo, hi):
+        if not 1 <= p <= 65535:
+            report(f"{role} port {p} out of range (expected 1-65535)")
+            ok = False
+    if ok and lo > hi:
+        report(f"reversed {role} port range {lo}-{hi} (expected low-high, e.g. {hi}-{lo})")
+        ok = False
+    return (lo, hi) if ok else None
+
+
+def check_same_length(hp, gp, report) -> None:
+    n, m = hp[1] - hp[0] + 1, gp[1] - gp[0] + 1
+    if n == m:
+        return
+    if m == 1:
+        eg = f", e.g. {gp[0]}-{gp[0] + n - 1}" if gp[0] + n - 1 <= 65535 else ""
+        report(f"host port range {hp[0]}-{hp[1]} ({n} ports) maps to the single guest port {gp[0]} (expected a guest range of the same length{eg})")
+    elif n == 1:
+        report(f"host port {hp[0]} maps to guest port range {gp[0]}-{gp[1]} (expected a single guest port, or a host range of the same length)")
+    else:
+        report(f"host port range {hp[0]}-{hp[1]} has {n} ports but guest port range {gp[0]}-{gp[1]} has {m} (expected ranges of the same length)")
+
+
+def check_protocol(text: str, report) -> str:
+    p = text.strip().lower()
+    if p not in PROTOCOLS:
+        report(f"unknown protocol '{text}' (expected one of: {_one_of(PROTOCOLS)})")
+    return p
+
+
+def check_host_address(text: str, report) -> str | None:
+    import ipaddress
+
+    text = text.strip()
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        if "/" in text:
+            report(f"host address '{text}' is a network (expected a single address)")
+        else:
+            report(f"invalid host address '{text}' (expected an IPv4 or IPv6 address)")
+        return None
+    if addr.version == 6 and addr.scope_id:
+        report(f"host address '{text}' has a zone index (expected an address without %zone)")
+        return None
+    if addr.version == 6 and addr.is_loopback:
+        report(
+            "host address ::1 is not supported: the kernel cannot DNAT IPv6 loopback traffic to another"
+            " host (expected 127.0.0.1 or a non-loopback address)",
+        )
+        return None
+    if addr.version == 6 and addr.ipv4_mapped:
+        report(f"host address {text} is IPv4-mapped (expected the plain IPv4 address {addr.ipv4_mapped})")
+        return None
+    bad = _not_unicast(addr)
+    if bad == "the unspecified address":
+        report(f"host address {addr} is the wildcard (expected a unicast address; leave the host address out to forward on every address)")
+        return None
+    if bad:
+        report(f"host address {addr} is {bad} (expected a unicast address)")
+        return None
+    return str(addr)
+
+
+def check_source(text: str, host: str | None, report) -> str | None:
+    """One source address or network; None if it is refused."""
+    import ipaddress
+
+    text = text.strip()
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            report(f"invalid source '{text}' (expected an address or a network like 198.51.100.0/24)")
+        else:
+            report(f"source '{text}' has host bits set (did you mean {loose}?)")
+        return None
+    hfam = None if host is None else (6 if ":" in host else 4)
+    if hfam is not None and net.version != hfam:
+        report(
+            f"source {net} is IPv{net.version} but the host address {host} is IPv{hfam}"
+            " (expected sources of the same family as the host address)",
+        )
+        return None
+    return str(net)
+
+
+def check_guest_address(text: str, out: dict, report) -> None:
+    """One fixed guest address, added to out (family -> address)."""
+    import ipaddress
+
+    text = text.strip()
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        if "/" in text:
+            report(f"guest address '{text}' has a prefix length (expected a plain address like {text.split('/')[0]})")
+        else:
+            report(f"invalid guest address '{text}' (expected an IPv4 or IPv6 address)")
+        return
+    bad = _not_unicast(addr)
+    if bad or addr.is_loopback:
+        report(f"guest address {addr} is {bad or 'a loopback address'} (expected the guest's unicast address)")
+        return
+    if addr.version in out:
+        report(f"second IPv{addr.version} address {addr} (expected at most one IPv4 and one IPv6 address)")
+        return
+    out[addr.version] = str(addr)
+
+
+def check_interface(value: str, report) -> str | None:
+    """A NIC by MAC (normalized to lowercase) or by libvirt network name."""
+    import re
+
+    value = value.strip()
+    if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", value):
+        return value.lower()
+    if ":" in value and re.fullmatch(r"[0-9A-Fa-f:.-]+", value):
+        report(f"invalid MAC address '{value}' (expected six hex pairs like 52:54:00:aa:bb:02)")
+        return None
+    return value
+
+
+def families_of(addresses) -> frozenset:
+    """The families a forward without a host address covers for a guest."""
+    return frozenset(6 if ":" in a else 4 for a in addresses) or frozenset((4, 6))
+
+
+def check_family_fit(rule, name: str, addresses, report) -> bool:
+    """A forward on a host address of a family the guest has no fixed address of."""
+    if rule.host_address is None or not addresses:
+        return True
+    fam = 6 if ":" in rule.host_address else 4
+    if fam in families_of(addresses):
+        return True
+    have = "IPv4" if fam == 6 else "IPv6"
+    want = "IPv6" if fam == 6 else "IPv4"
+    report(
+        f"host address {rule.host_address} is {want} but guest '{name}' has only an {have}"
+        f" address (expected an {have} host address, or an {want} 'address' for the guest)"
+    )
+    return False
+
+
+class _Rule:
+    """One forward in the conflict sweep, with where it was written (`place`)."""
+
+    __slots__ = ("rule", "guest", "file", "findex", "line", "col", "order", "families", "loopback", "family", "place")
+
+    def __init__(self, rule, guest, file, findex, line, col, order, families, loopback, family, place=None):
         self.rule = rule
         self.findex = findex
         self.guest = guest
@@ -570,6 +779,112 @@ class _Rule:
         self.families = families
         self.loopback = loopback
         self.family = family
+        self.place = place or f"{file}:{line}:{col}"
+
+
+def sweep_rule(rule, guest, order, families, place, findex=0, file="", line=0, col=0) -> _Rule:
+    """A forward as the conflict sweep sees it; families: of the guest's
+    fixed addresses (families_of), for a forward without a host address."""
+    fam = None if rule.host_address is None else (6 if ":" in rule.host_address else 4)
+    return _Rule(
+        rule, guest, file, findex, line, col, order, families if fam is None else frozenset((fam,)),
+        rule.host_address is not None and rule.host_address.startswith("127."), fam, place,
+    )
+
+
+def overlaps(rules):
+    """Yield (rule, other) for every rule that overlaps a rule before it in
+    the sweep: the same protocol, overlapping host ports, on the same host
+    address or a wildcard of the same family (a 127.x address only on the
+    same address). `other` is the first such rule found.
+
+    A sweep over port ranges per protocol with heaps of the rules still
+    "open" at the current port: linear-ish even for huge maps.
+    """
+    import heapq
+
+    by_proto: dict[str, list[_Rule]] = {}
+    for r in rules:
+        by_proto.setdefault(r.rule.protocol, []).append(r)
+    for group in by_proto.values():
+        group.sort(key=lambda r: (r.rule.host_ports[0], r.order))
+        exact: dict[str, list] = {}
+        wild: dict[int, list] = {4: [], 6: []}
+        explicit: dict[int, list] = {4: [], 6: []}
+        for r in group:
+            lo = r.rule.host_ports[0]
+            if r.family is not None:
+                heaps = [exact.get(r.rule.host_address)]
+                if not r.loopback:
+                    heaps.append(wild[r.family])
+            else:
+                heaps = [h for f in sorted(r.families) for h in (wild[f], explicit[f])]
+            other = None
+            for h in heaps:
+                while h and h[0][0] < lo:
+                    heapq.heappop(h)
+                if h:
+                    other = h[0][2]
+                    break
+            if other is not None:
+                yield r, other
+            item = (r.rule.host_ports[1], r.order, r)
+            if r.family is not None:
+                heapq.heappush(exact.setdefault(r.rule.host_address, []), item)
+                if not r.loopback:
+                    heapq.heappush(explicit[r.family], item)
+            else:
+                for f in r.families:
+                    heapq.heappush(wild[f], item)
+
+
+class Claims:
+    """The forwards kept so far, to ask whether a new one overlaps any of
+    them, with the semantics of overlaps() (for one map from two sources:
+    metadata.merge keeps forwards in order of precedence).
+
+    Wildcards and specific non-loopback addresses are kept as port bitmaps
+    per protocol and family (a range costs one slice assignment, a query one
+    bytes.find); forwards on one specific address are few, and listed.
+    """
+
+    def __init__(self):
+        self.bits: dict = {}  # (kind, protocol, family) -> bytearray, kind "wild" | "explicit"
+        self.rules: dict = {}  # (kind, protocol, family or address) -> [_Rule]
+
+    def holder(self, r: _Rule):
+        """The earliest kept forward that `r` overlaps, or None."""
+        lo, hi = r.rule.host_ports
+        p = r.rule.protocol
+        if r.family is not None:
+            exact = [o for o in self.rules.get(("exact", p, r.rule.host_address), ())
+                     if o.rule.host_ports[0] <= hi and lo <= o.rule.host_ports[1]]
+            if exact:
+                return min(exact, key=lambda o: o.order)
+            keys = [] if r.loopback else [("wild", p, r.family)]
+        else:
+            keys = [(kind, p, f) for f in sorted(r.families) for kind in ("wild", "explicit")]
+        for k in keys:
+            bits = self.bits.get(k)
+            if bits is not None and bits.find(1, lo, hi + 1) >= 0:
+                return min((o for o in self.rules[k] if o.rule.host_ports[0] <= hi and lo <= o.rule.host_ports[1]),
+                           key=lambda o: o.order)
+        return None
+
+    def add(self, r: _Rule) -> None:
+        lo, hi = r.rule.host_ports
+        p = r.rule.protocol
+        if r.family is not None:
+            self.rules.setdefault(("exact", p, r.rule.host_address), []).append(r)
+            keys = [] if r.loopback else [("explicit", p, r.family)]
+        else:
+            keys = [("wild", p, f) for f in r.families]
+        for k in keys:
+            bits = self.bits.get(k)
+            if bits is None:
+                bits = self.bits[k] = bytearray(65537)
+            bits[lo : hi + 1] = b"\x01" * (hi - lo + 1)
+            self.rules.setdefault(k, []).append(r)
 
 
 class _Validator:
@@ -822,7 +1137,7 @@ class _Validator:
         elif not self.is_null(node):
             self.add(node, f"guest '{name}' is {self.what(node)} (expected a list of forwards, or a mapping with 'forward')")
             return
-        families = frozenset(6 if ":" in a else 4 for a in addresses) or frozenset((4, 6))
+        families = families_of(addresses)
         rules = []
         if fnode is not None and not self.is_null(fnode):
             if not isinstance(fnode, y.SequenceNode):
@@ -832,25 +1147,12 @@ class _Validator:
                     rule = self.forward(item)
                     if rule is None:
                         continue
-                    if rule.host_address is not None and addresses:
-                        fam = 6 if ":" in rule.host_address else 4
-                        if fam not in families:
-                            have = "IPv4" if fam == 6 else "IPv6"
-                            want = "IPv6" if fam == 6 else "IPv4"
-                            self.add(
-                                item,
-                                f"host address {rule.host_address} is {want} but guest '{name}' has only an {have}"
-                                f" address (expected an {have} host address, or an {want} 'address' for the guest)",
-                            )
-                            continue
+                    if not check_family_fit(rule, name, addresses, lambda m, item=item: self.add(item, m)):
+                        continue
                     rules.append(rule)
-                    fam = None if rule.host_address is None else (6 if ":" in rule.host_address else 4)
+                    line, col = item.start_mark.line + 1, item.start_mark.column + 1
                     self.rules.append(
-                        _Rule(
-                            rule, name, self.file, self.index, item.start_mark.line + 1, item.start_mark.column + 1,
-                            len(self.rules), families if fam is None else frozenset((fam,)),
-                            rule.host_address is not None and rule.host_address.startswith("127."), fam,
-                        )
+                        sweep_rule(rule, name, len(self.rules), families, None, self.index, self.file, line, col)
                     )
         self.guests[name] = GuestConfig(
             name, addresses, interface, allow, tuple(rules), f"{self.file}:{knode.start_mark.line + 1}"
@@ -863,22 +1165,12 @@ class _Validator:
         return False
 
     def interface(self, node) -> str | None:
-        import re
-
         if not isinstance(node, self.yaml.ScalarNode) or self.is_null(node) or not node.value.strip():
             self.add(node, f"'interface' is {self.what(node)} (expected a MAC address or a libvirt network name)")
             return None
-        value = node.value.strip()
-        if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", value):
-            return value.lower()
-        if ":" in value and re.fullmatch(r"[0-9A-Fa-f:.-]+", value):
-            self.add(node, f"invalid MAC address '{value}' (expected six hex pairs like 52:54:00:aa:bb:02)")
-            return None
-        return value
+        return check_interface(node.value, lambda m: self.add(node, m))
 
     def guest_addresses(self, node) -> tuple[str, ...]:
-        import ipaddress
-
         y = self.yaml
         if isinstance(node, y.SequenceNode):
             items = node.value
@@ -894,23 +1186,7 @@ class _Validator:
             if not isinstance(item, y.ScalarNode) or self.is_null(item):
                 self.add(item, f"guest address is {self.what(item)} (expected an IPv4 or IPv6 address)")
                 continue
-            text = item.value.strip()
-            try:
-                addr = ipaddress.ip_address(text)
-            except ValueError:
-                if "/" in text:
-                    self.add(item, f"guest address '{text}' has a prefix length (expected a plain address like {text.split('/')[0]})")
-                else:
-                    self.add(item, f"invalid guest address '{text}' (expected an IPv4 or IPv6 address)")
-                continue
-            bad = _not_unicast(addr)
-            if bad or addr.is_loopback:
-                self.add(item, f"guest address {addr} is {bad or 'a loopback address'} (expected the guest's unicast address)")
-                continue
-            if addr.version in out:
-                self.add(item, f"second IPv{addr.version} address {addr} (expected at most one IPv4 and one IPv6 address)")
-                continue
-            out[addr.version] = str(addr)
+            check_guest_address(item.value, out, lambda m, item=item: self.add(item, m))
         return tuple(out[v] for v in (4, 6) if v in out)
 
     # -- forwards
@@ -931,39 +1207,7 @@ class _Validator:
         return PortRule(proto, host, hp, gp, sources, f"{self.file}:{node.start_mark.line + 1}")
 
     def forward_short(self, node):
-        raw = node.value
-        text = raw.strip()
-        host = None
-        rest = text
-        if text.startswith("["):
-            end = text.find("]")
-            if end < 0 or text[end + 1 : end + 2] != ":":
-                self.add(node, f"invalid forward '{raw}' ({SHORT_FORM})")
-                return None
-            host, rest = text[1:end], text[end + 2 :]
-        proto = "tcp"
-        if "/" in rest:
-            rest, proto = rest.rsplit("/", 1)
-        parts = rest.split(":")
-        if host is None and len(parts) == 3:
-            host, parts = parts[0], parts[1:]
-        if len(parts) == 1:
-            self.add(node, f"forward '{raw}' has no guest port ({SHORT_FORM})")
-            return None
-        if len(parts) != 2:
-            if host is None and text.count(":") > 3:
-                self.add(node, f"forward '{raw}': an IPv6 host address must be in brackets (expected e.g. \"[2001:db8::1]:8443:443\")")
-            else:
-                self.add(node, f"invalid forward '{raw}' ({SHORT_FORM})")
-            return None
-        hp = self.ports(parts[0], node, "host")
-        gp = self.ports(parts[1], node, "guest")
-        proto = self.protocol(proto, node)
-        if host is not None:
-            host = self.host_address(host, node)
-        if hp and gp:
-            self.same_length(hp, gp, node)
-        return proto, host, hp, gp, ()
+        return parse_short(node.value, lambda m: self.add(node, m))
 
     def forward_long(self, node):
         y = self.yaml
@@ -1016,79 +1260,18 @@ class _Validator:
         return None
 
     def ports(self, text, node, role) -> tuple[int, int] | None:
-        s = text.strip()
-        if s.isascii() and (s.isdigit() or (s.startswith("-") and s[1:].isdigit())):
-            lo = hi = int(s)
-        elif s.isascii() and s.count("-") == 1 and all(p.isdigit() for p in s.split("-")):
-            lo, hi = (int(p) for p in s.split("-"))
-        else:
-            self.add(node, f"invalid {role} port '{s}' ({_PORT_EXPECT})")
-            return None
-        ok = True
-        for p in (lo,) if lo == hi else (lo, hi):
-            if not 1 <= p <= 65535:
-                self.add(node, f"{role} port {p} out of range (expected 1-65535)")
-                ok = False
-        if ok and lo > hi:
-            self.add(node, f"reversed {role} port range {lo}-{hi} (expected low-high, e.g. {hi}-{lo})")
-            ok = False
-        return (lo, hi) if ok else None
+        return check_ports(text, role, lambda m: self.add(node, m))
 
     def same_length(self, hp, gp, node):
-        n, m = hp[1] - hp[0] + 1, gp[1] - gp[0] + 1
-        if n == m:
-            return
-        if m == 1:
-            eg = f", e.g. {gp[0]}-{gp[0] + n - 1}" if gp[0] + n - 1 <= 65535 else ""
-            self.add(node, f"host port range {hp[0]}-{hp[1]} ({n} ports) maps to the single guest port {gp[0]} (expected a guest range of the same length{eg})")
-        elif n == 1:
-            self.add(node, f"host port {hp[0]} maps to guest port range {gp[0]}-{gp[1]} (expected a single guest port, or a host range of the same length)")
-        else:
-            self.add(node, f"host port range {hp[0]}-{hp[1]} has {n} ports but guest port range {gp[0]}-{gp[1]} has {m} (expected ranges of the same length)")
+        check_same_length(hp, gp, lambda m: self.add(node, m))
 
     def protocol(self, text, node) -> str:
-        p = text.strip().lower()
-        if p not in PROTOCOLS:
-            self.add(node, f"unknown protocol '{text}' (expected one of: {_one_of(PROTOCOLS)})")
-        return p
+        return check_protocol(text, lambda m: self.add(node, m))
 
     def host_address(self, text, node) -> str | None:
-        import ipaddress
-
-        text = text.strip()
-        try:
-            addr = ipaddress.ip_address(text)
-        except ValueError:
-            if "/" in text:
-                self.add(node, f"host address '{text}' is a network (expected a single address)")
-            else:
-                self.add(node, f"invalid host address '{text}' (expected an IPv4 or IPv6 address)")
-            return None
-        if addr.version == 6 and addr.scope_id:
-            self.add(node, f"host address '{text}' has a zone index (expected an address without %zone)")
-            return None
-        if addr.version == 6 and addr.is_loopback:
-            self.add(
-                node,
-                "host address ::1 is not supported: the kernel cannot DNAT IPv6 loopback traffic to another"
-                " host (expected 127.0.0.1 or a non-loopback address)",
-            )
-            return None
-        if addr.version == 6 and addr.ipv4_mapped:
-            self.add(node, f"host address {text} is IPv4-mapped (expected the plain IPv4 address {addr.ipv4_mapped})")
-            return None
-        bad = _not_unicast(addr)
-        if bad == "the unspecified address":
-            self.add(node, f"host address {addr} is the wildcard (expected a unicast address; leave the host address out to forward on every address)")
-            return None
-        if bad:
-            self.add(node, f"host address {addr} is {bad} (expected a unicast address)")
-            return None
-        return str(addr)
+        return check_host_address(text, lambda m: self.add(node, m))
 
     def sources(self, node, host) -> tuple[str, ...]:
-        import ipaddress
-
         y = self.yaml
         if isinstance(node, y.SequenceNode):
             items = node.value
@@ -1100,84 +1283,26 @@ class _Validator:
         else:
             self.add(node, f"'source' is {self.what(node)} (expected an address, a network like 198.51.100.0/24, or a list of them)")
             return ()
-        hfam = None if host is None else (6 if ":" in host else 4)
         out: list[str] = []
         for item in items:
             if not isinstance(item, y.ScalarNode) or self.is_null(item):
                 self.add(item, f"source is {self.what(item)} (expected an address or a network like 198.51.100.0/24)")
                 continue
-            text = item.value.strip()
-            try:
-                net = ipaddress.ip_network(text)
-            except ValueError:
-                try:
-                    loose = ipaddress.ip_network(text, strict=False)
-                except ValueError:
-                    self.add(item, f"invalid source '{text}' (expected an address or a network like 198.51.100.0/24)")
-                else:
-                    self.add(item, f"source '{text}' has host bits set (did you mean {loose}?)")
-                continue
-            if hfam is not None and net.version != hfam:
-                self.add(
-                    item,
-                    f"source {net} is IPv{net.version} but the host address {host} is IPv{hfam}"
-                    " (expected sources of the same family as the host address)",
-                )
-                continue
-            if str(net) not in out:
-                out.append(str(net))
+            net = check_source(item.value, host, lambda m, item=item: self.add(item, m))
+            if net is not None and net not in out:
+                out.append(net)
         return tuple(out)
 
     # -- across files
 
     def check_conflicts(self):
-        """Find forwards that claim the same host address, port and protocol.
-
-        A sweep over port ranges per protocol with heaps of the rules still
-        "open" at the current port: any open rule on the same address (or a
-        wildcard of the same family) overlaps. Linear-ish even for huge maps.
-        """
-        import heapq
-
+        """Find forwards that claim the same host address, port and protocol (see overlaps())."""
         reported = set()
-        by_proto: dict[str, list[_Rule]] = {}
-        for r in self.rules:
-            by_proto.setdefault(r.rule.protocol, []).append(r)
-        for group in by_proto.values():
-            group.sort(key=lambda r: (r.rule.host_ports[0], r.order))
-            exact: dict[str, list] = {}
-            wild: dict[int, list] = {4: [], 6: []}
-            explicit: dict[int, list] = {4: [], 6: []}
-            for r in group:
-                lo = r.rule.host_ports[0]
-                if r.family is not None:
-                    heaps = [exact.get(r.rule.host_address)]
-                    if not r.loopback:
-                        heaps.append(wild[r.family])
-                else:
-                    heaps = [h for f in sorted(r.families) for h in (wild[f], explicit[f])]
-                other = None
-                for h in heaps:
-                    while h and h[0][0] < lo:
-                        heapq.heappop(h)
-                    if h:
-                        other = h[0][2]
-                        break
-                if other is not None:
-                    later, earlier = (r, other) if r.order > other.order else (other, r)
-                    if later.order not in reported:
-                        reported.add(later.order)
-                        self.problems.append(
-                            (later.findex, Problem(later.file, later.line, later.col, _conflict(later, earlier)))
-                        )
-                item = (r.rule.host_ports[1], r.order, r)
-                if r.family is not None:
-                    heapq.heappush(exact.setdefault(r.rule.host_address, []), item)
-                    if not r.loopback:
-                        heapq.heappush(explicit[r.family], item)
-                else:
-                    for f in r.families:
-                        heapq.heappush(wild[f], item)
+        for r, other in overlaps(self.rules):
+            later, earlier = (r, other) if r.order > other.order else (other, r)
+            if later.order not in reported:
+                reported.add(later.order)
+                self.problems.append((later.findex, Problem(later.file, later.line, later.col, conflict_message(later, earlier))))
 
 
 def _digits(s: str) -> bool:
@@ -1201,10 +1326,10 @@ def _describe(r: _Rule) -> str:
     return f"{r.rule.protocol} {ports} on {where}"
 
 
-def _conflict(later: _Rule, earlier: _Rule) -> str:
+def conflict_message(later: _Rule, earlier: _Rule) -> str:
     return (
         f"forward of {_describe(later)} overlaps {_describe(earlier)} of guest '{earlier.guest}'"
-        f" at {earlier.file}:{earlier.line}:{earlier.col}"
+        f" at {earlier.place}"
         " (expected each host address, port and protocol to be forwarded only once)"
     )
 
@@ -1214,7 +1339,8 @@ def _conflict(later: _Rule, earlier: _Rule) -> str:
 
 
 def check_main(path: str | None) -> int:
-    """`vnethook check`: validate the map, print every problem or a summary."""
+    """`vnethook check`: validate the map and the ports domains declare in
+    their metadata; print every problem or a summary."""
     from vnethook.paths import get_paths
 
     paths = get_paths(path)
@@ -1223,11 +1349,22 @@ def check_main(path: str | None) -> int:
     except ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
+        meta = check_metadata(paths, None)
+        for p in meta[0]:
+            print(p, file=sys.stderr)
         print(f"{len(e.problems)} problem(s) in the port map", file=sys.stderr)
+        if meta[0]:
+            print(f"{len(meta[0])} problem(s) in domain metadata", file=sys.stderr)
+        return 1
+    problems, merged, meta_guests = check_metadata(paths, cfg)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) in domain metadata", file=sys.stderr)
         return 1
     from vnethook.listeners import host_listeners, taken
 
-    for w in taken([r for g in cfg.guests.values() for r in g.forwards], host_listeners()):
+    for w in taken([r for g in merged.guests.values() for r in g.forwards], host_listeners()):
         print(w, file=sys.stderr)
     from vnethook.firewalld import strict_problem
 
@@ -1236,5 +1373,36 @@ def check_main(path: str | None) -> int:
         print(f"error: {strict}", file=sys.stderr)
         return 1
     forwards = sum(len(g.forwards) for g in cfg.guests.values())
-    print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s)")
+    tail = ""
+    if meta_guests:
+        n = sum(1 for g in merged.guests.values() for r in g.forwards if r.origin.startswith("domain "))
+        tail = f"; {n} forward(s) in the metadata of {meta_guests} domain(s)"
+    print(f"OK: {len(cfg.guests)} guest(s), {forwards} forward(s) in {len(cfg.files)} file(s){tail}")
     return 0
+
+
+def check_metadata(paths, cfg: Config | None):
+    """(problems, merged Config, domains with metadata) for `check`.
+
+    The domains vnethook can read without libvirt: the running ones
+    (/run/libvirt/qemu, their live XML) and the defined ones
+    (/etc/libvirt/qemu). A running guest is judged by its live metadata,
+    and its definition's problems are reported too; conflicts are looked for
+    across the map and every domain, as the hook would resolve them.
+    """
+    from vnethook import metadata
+
+    running = metadata.running(paths)
+    defined = metadata.defined(paths)
+    live = {m.domain for m in running}
+    metas = running + [m for m in defined if m.domain not in live]
+    base = cfg if cfg is not None else Config(Settings(), {}, ())
+    merged, by_domain = metadata.merge(base, metas)
+    source = {m.domain: m.source for m in metas}
+    problems: list = []
+    for d in sorted(by_domain):
+        problems.extend(f"{p} (in {source.get(d, '?')})" for p in by_domain[d])
+    for m in defined:
+        if m.domain in live:
+            problems.extend(f"{p} (in {m.source})" for p in m.problems)
+    return problems, merged, len(metas)

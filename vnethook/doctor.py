@@ -54,9 +54,19 @@ def run(paths, domain_name: "Optional[str]" = None, port: "Optional[int]" = None
         r.fail(f"the port map is invalid: {e.problems[0] if e.problems else e}", "vnethook check; fix the lines it names")
         return 1, r.lines
     engine = Engine(paths, config)
+    try:
+        engine.running_configured()  # with the ports running guests declare in their metadata
+        config = engine.config
+    except Exception as e:
+        r.fail(f"cannot read the running domains: {e}", "run as root")
+    for d, probs in sorted(engine.metadata_problems.items()):
+        if domain_name is None or d == domain_name:
+            for p in probs:
+                r.fail(f"{p} (not forwarded)", "fix the guest's metadata (virsh metadata / virsh edit)")
     names = [domain_name] if domain_name else sorted(config.guests)
     if domain_name and domain_name not in config.guests:
-        r.fail(f"{domain_name} is not in the port map", f"add it under guests: in {paths.config}")
+        r.fail(f"{domain_name} is not in the port map nor has vnethook metadata",
+               f"add it under guests: in {paths.config}, or publish ports in its metadata")
         return 1, r.lines
     try:
         name, why = engine.selected_backend(redetect=True)

@@ -37,7 +37,8 @@ class SyncReport:
 class Engine:
     def __init__(self, paths, config=None):
         self.paths = paths
-        self.config = config
+        self.config = config  # the YAML map, with the running guests' metadata once read
+        self.metadata_problems: dict = {}  # domain -> what its metadata cannot have
         self._backends = {}
         self._selected = None
 
@@ -400,10 +401,22 @@ class Engine:
         from vnethook import libvirt
 
         out = {}
-        for dom in libvirt.running_domains(self.paths):
+        raw: list = []
+        domains = libvirt.running_domains(self.paths, metadata=raw)
+        if self.config is not None and raw:
+            self.use_metadata(raw)
+        for dom in domains:
             if self.config and dom.name in self.config.guests:
                 out[guest_key(dom.name)] = dom
         return out
+
+    def use_metadata(self, raw: list) -> None:
+        """Merge the ports the running guests declare in their own metadata
+        ((xml, source) pairs from their status files) into the map."""
+        from vnethook import metadata
+
+        metas = [m for m in (metadata.read(data, source=src) for data, src in raw) if m is not None]
+        self.config, self.metadata_problems = metadata.merge(self.config, metas)
 
     def sync(self, verify: bool = True, only_network: str | None = None) -> SyncReport:
         """Make installed forwards exactly match the plan of running guests.
@@ -437,6 +450,8 @@ class Engine:
             running = self.running_configured()
             if only_network is not None:
                 running = {k: d for k, d in running.items() if any(i.network == only_network for i in d.interfaces)}
+            for probs in self.metadata_problems.values():
+                report.problems.extend(probs)
             plans = {}
             for key, dom in running.items():
                 try:
@@ -663,6 +678,8 @@ class Engine:
             running = self.running_configured()
         except Exception as e:
             out["problems"].append(f"cannot read running domains: {e}")
+        for probs in self.metadata_problems.values():
+            out["problems"].extend(f"{p} (not forwarded)" for p in probs)
         keys = sorted(set(records) | set(running) | set(marks) | (set(snap.guests) if snap else set()))
         for key in keys:
             rec = records.get(key)

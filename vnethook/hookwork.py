@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vnethook.hook import QEMU_CHECK, QEMU_REMOVE, _leave, _paths, subject
+from vnethook.hook import METADATA_NS, QEMU_CHECK, QEMU_REMOVE, _leave, _paths, subject
 
 
 def isolated(kind: str, obj: str, op: str, data: bytes) -> int:
@@ -102,10 +102,15 @@ def _qemu(domain_name: str, op: str, data: bytes) -> int:
     config, err = _config_or_error(paths)
     if err is not None:
         return _config_broken(paths, "qemu", domain_name, op, data, err)
-    configured = domain_name in config.guests
+    has_metadata = METADATA_NS in data
     if op in QEMU_CHECK:
+        if has_metadata:
+            from vnethook import metadata
+
+            _, problems = metadata.for_guest(paths, config, domain_name, data)
+            return _metadata_verdict(config, domain_name, op, problems, report=False)
         return 0
-    if not configured:
+    if domain_name not in config.guests and not has_metadata:
         from vnethook import state
         from vnethook.keys import guest_key
 
@@ -115,12 +120,42 @@ def _qemu(domain_name: str, op: str, data: bytes) -> int:
     from vnethook.engine import Engine
 
     domain = libvirt.parse_domain(data, source=f"qemu {op} stdin")
+    if has_metadata:
+        from vnethook import metadata
+
+        config, problems = metadata.for_guest(paths, config, domain_name, data)
+        rc = _metadata_verdict(config, domain_name, op, problems, report=True)
+        if rc:
+            return rc
     engine = Engine(paths, config)
     plan = engine.apply_domain(domain, event=f"qemu {op}")
     if plan is not None:
         if op in ("started", "reconnect"):
             _warn_strict_forward_ports(domain.name)
         _maybe_watch_leases(paths, config, plan)
+    return 0
+
+
+def _metadata_verdict(config, domain_name: str, op: str, problems: list, report: bool) -> int:
+    """What the problems of a guest's own metadata mean for this event.
+
+    Its bad or conflicting forwards are left out (metadata.merge) and
+    logged; under `on_error: block` they refuse this guest's start, and
+    only its own (prepare/start/started: subject()). `report`: log them
+    (once per start, at started/reconnect; prepare/start only refuse).
+    """
+    if not problems:
+        return 0
+    from vnethook import log
+
+    block = config.settings.on_error == "block" and op in ("prepare", "start", "started")
+    if report or block:
+        for p in problems:
+            log.error(f"{p} (not forwarded)" if not block else p, DOMAIN=domain_name, ACTION=op)
+    if block:
+        sys.stderr.write(f"vnethook: refusing {op} of {domain_name} (on_error: block): its metadata has "
+                         f"{len(problems)} problem(s):\n" + "\n".join(problems) + "\n")
+        return 1
     return 0
 
 
@@ -161,6 +196,14 @@ def _network(net_name: str, op: str, data: bytes) -> int:
     port = libvirt.parse_port(data, source=f"network {op} stdin")
     if port is None or not port.owner:
         return 0
+    from vnethook.hook import _metadata_running
+
+    if _metadata_running(paths, port.owner):
+        # Its metadata, as sync sees it (its problems were logged when it started).
+        from vnethook import metadata
+
+        config, _ = metadata.merge(config, metadata.running(paths))
+        engine = Engine(paths, config)
     if op == "port-deleted":
         if port.owner not in config.guests:
             from vnethook import state
@@ -209,21 +252,22 @@ def _config_broken(paths, kind, obj, op, data, err) -> int:
     who = subject(kind, obj, op, data)
     msg = f"port map is invalid, nothing changed:\n{err}"
     log.error(msg, DOMAIN=obj if kind == "qemu" else who, ACTION=op)
-    if who is not None and _blocking(paths, who):
+    if who is not None and _blocking(paths, who, data if kind == "qemu" else b""):
         sys.stderr.write(f"vnethook: refusing {op} of {who} (on_error: block):\n{err}\n")
         return 1
     return 0
 
 
-def _blocking(paths, domain_name) -> bool:
+def _blocking(paths, domain_name, data: bytes = b"") -> bool:
     """Does `on_error: block` apply to this guest, with a broken map?
 
     Yes if the last valid map said so for it (block-guests), or if the
-    broken map itself asks for block and names this guest.
+    broken map itself asks for block and names this guest; under block, a
+    guest whose domain XML (`data`) carries vnethook metadata counts as named.
     """
     from vnethook import blocklist
 
-    if blocklist.blocks(paths, domain_name):
+    if blocklist.blocks(paths, domain_name, data):
         return True
     from vnethook.config import on_error_hint
 
@@ -232,7 +276,7 @@ def _blocking(paths, domain_name) -> bool:
             return False
     except Exception:
         return False
-    return _mentions(paths, domain_name)
+    return METADATA_NS in data or _mentions(paths, domain_name)
 
 
 def _mentions(paths, domain_name: str) -> bool:
@@ -270,10 +314,12 @@ def _failed(kind: str, obj: str, op: str, data: bytes, exc: BaseException) -> in
         paths = _paths()
         from vnethook import blocklist
 
-        block = blocklist.blocks(paths, who)
+        xml = data if kind == "qemu" else b""
+        block = blocklist.blocks(paths, who, xml)
         if not block:
             config, err = _config_or_error(paths)
-            block = config is not None and config.settings.on_error == "block" and who in config.guests
+            block = config is not None and config.settings.on_error == "block" and (
+                who in config.guests or METADATA_NS in xml)
         if block:
             sys.stderr.write(f"vnethook: refusing {op} of {who} (on_error: block): {exc}\n")
             return 1

@@ -87,6 +87,9 @@ def _vnethook_failed(kind, exc):
                     lines = os.read(fd, 1 << 20).split(b"\\n")
                     if lines[0].startswith(b"# vnethook block-guests ") and who in lines[1:]:
                         rc = 1
+                    elif lines[0].startswith(b"# vnethook block-guests 1 +metadata:") and kind == "qemu" \\
+                            and b"http://vnethook.org/xmlns/ports/1.0" in data:
+                        rc = 1  # its own metadata, under on_error: block
             finally:
                 os.close(fd)
     except BaseException:

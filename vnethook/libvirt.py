@@ -30,6 +30,7 @@ import os
 from vnethook.model import Value
 
 MAX_INPUT = 16 * 1024 * 1024  # far above any real libvirt XML or lease file
+_METADATA_NS = b"http://vnethook.org/xmlns/ports/1.0"  # vnethook.hook.METADATA_NS
 
 
 class LibvirtDataError(Exception):
@@ -645,12 +646,15 @@ def _safe_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
-def running_domains(paths: object, errors: Optional[List[str]] = None) -> List[Domain]:
+def running_domains(paths: object, errors: Optional[List[str]] = None,
+                    metadata: Optional[list] = None) -> List[Domain]:
     """Every running domain, from /run/libvirt/qemu/*.xml (domstatus).
 
     `paths` is a vnethook.paths.Paths or the directory itself. Files that
     vanish, cannot be read or do not parse are skipped (libvirt rewrites
-    them while guests start and stop); their errors go to `errors`."""
+    them while guests start and stop); their errors go to `errors`.
+    `metadata`: gets (xml, file) of each one that carries vnethook
+    metadata (see vnethook/metadata.py), read once with the rest."""
     directory = _dir(paths, "running_domains_dir")
     try:
         names = sorted(os.listdir(directory))
@@ -668,6 +672,8 @@ def running_domains(paths: object, errors: Optional[List[str]] = None) -> List[D
             if data is None:
                 continue
             out.append(parse_domain(data, source=path))
+            if metadata is not None and _METADATA_NS in data:
+                metadata.append((data, path))
         except LibvirtDataError as e:
             if errors is not None:
                 errors.append(str(e))

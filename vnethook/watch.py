@@ -156,7 +156,12 @@ def _configured_running(paths, config) -> bool:
         names = os.listdir(paths.running_domains_dir)
     except OSError:
         return False
-    return any(n.endswith(".xml") and n[:-4] in config.guests for n in names)
+    from vnethook import state
+    from vnethook.keys import guest_key
+
+    # A guest whose ports are in its own metadata has a record once its start applied them.
+    return any(n.endswith(".xml") and (n[:-4] in config.guests or state.exists(paths, guest_key(n[:-4])))
+               for n in names)
 
 
 # How often the watcher looks whether someone wiped our rules (an
