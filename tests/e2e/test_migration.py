@@ -12,6 +12,12 @@ libvirt runs, on B: qemu `migrate` (a filter: vnethook must print nothing),
 guest, still the same running kernel, answers through B's published port,
 A's firewall is exactly what it was before the guest started, and after the
 guest stops on B so is B's.
+
+Twice: with the forwards in both hosts' YAML maps (what config management
+would give two hosts), and with the forwards only in the guest's own
+metadata (`virsh metadata --config`, as a template or virt-install would
+leave them; neither host's map names the guest): there B learns them from
+the migrated domain XML alone.
 """
 
 from __future__ import annotations
@@ -70,15 +76,24 @@ guests:
 """
 
 
-def test_live_migration_moves_the_forward(make_sandbox, image, tmp_path):
+NS = "http://vnethook.org/xmlns/ports/1.0"
+METADATA = "<ports><forward>8080:80</forward><forward>5353:53/udp</forward></ports>"
+
+
+@pytest.mark.parametrize("declared", ["map", "metadata"])
+def test_live_migration_moves_the_forward(make_sandbox, image, tmp_path, declared):
     name, mac = "mguest", mac_for(0x51)
-    a, vh_a, ext_a = _host(make_sandbox, tmp_path, "a", mac, MAP)
-    b, vh_b, ext_b = _host(make_sandbox, tmp_path, "b", mac, MAP)
+    ports = MAP if declared == "map" else ""
+    a, vh_a, ext_a = _host(make_sandbox, tmp_path, "a", mac, ports)
+    b, vh_b, ext_b = _host(make_sandbox, tmp_path, "b", mac, ports)
     _, b_ip = a.link(b)
     before_a, before_b = vh_a.ruleset_text(), vh_b.ruleset_text()
 
     a.define_linux_guest(name, mac, image.kernel, image.initrd,
                          f"console=ttyS0 quiet vnh.name={name} vnh.tcp=80 vnh.udp=53")
+    if declared == "metadata":
+        a.virsh("metadata", name, "--uri", NS, "--key", "vnethook", "--set", METADATA, "--config")
+        assert NS in a.virsh("dumpxml", "--inactive", name)
     a.start(name)
     a.wait_for(lambda: _answers(ext_a, name), timeout=90, interval=0.5,
                what=f"{name} answering through host A")
@@ -90,11 +105,13 @@ def test_live_migration_moves_the_forward(make_sandbox, image, tmp_path):
     took = time.monotonic() - t0
     assert name not in a.virsh("list", "--all", "--name").split()
     assert b.virsh("domstate", name).strip() == "running"
+    if declared == "metadata":
+        assert NS in b.virsh("dumpxml", name) and NS in b.virsh("dumpxml", "--inactive", name)
     # the same kernel, still running: its console shows one boot only
     b.wait_for(lambda: _answers(ext_b, name), timeout=10, interval=0.2,
                what=f"{name} answering through host B after the migration")
     answered = time.monotonic() - t0
-    print(f"\nvirsh migrate --live: {took:.2f}s; B's forward answered {answered:.2f}s "
+    print(f"\n[{declared}] virsh migrate --live: {took:.2f}s; B's forward answered {answered:.2f}s "
           "after the migration began")
     assert not ext_a.connect_tcp(HOST_EXT, 8080, timeout=1).ok
     assert vh_a.records() == []
