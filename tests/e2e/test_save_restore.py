@@ -7,6 +7,8 @@ would replace the domain XML: vnethook must print nothing), `prepare`,
 same way through libvirt's own save file. After each, the published port
 answers again from outside, every rule of vnethook's exists exactly once,
 and while the guest is saved nothing of it is left in the firewall.
+With the forwards in the YAML map, and only in the guest's own metadata
+(the saved image carries the domain XML, metadata included).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 HOST_EXT = "198.51.100.1"
 BACKENDS = ("iptables", "nftables")
+NS = "http://vnethook.org/xmlns/ports/1.0"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,13 +37,19 @@ def _dups(rules):
     return [r for r, n in collections.Counter(rules).items() if n > 1]
 
 
-def test_save_restore_and_managedsave_keep_the_port(sb: Sandbox, tmp_path):
+@pytest.mark.parametrize("declared", ["map", "metadata"])
+def test_save_restore_and_managedsave_keep_the_port(sb: Sandbox, tmp_path, declared):
     vh = VnethookEnv(sb, tmp_path)
     vh.install()
     sb.define_network("vnhnet", "vnhbr0", "192.0.2.0/24")
-    vh.write_map("guests:\n  sguest: [8080:80, 5353:53/udp]\n")
     mac = mac_for(0x61)
     sb.define_domain("sguest", macs=[mac])
+    if declared == "map":
+        vh.write_map("guests:\n  sguest: [8080:80, 5353:53/udp]\n")
+    else:
+        sb.virsh("metadata", "sguest", "--uri", NS, "--key", "vnethook", "--set",
+                 "<ports><forward>8080:80</forward><forward>5353:53/udp</forward></ports>",
+                 "--config")
     g = sb.add_guest_netns("sguest", mac)
     g.dhcp(hostname="sguest")
     g.pin_mac()  # the restored QEMU announces the same MAC from its tap
