@@ -374,9 +374,19 @@ def _forward_long(el: _El, sources_el: list, report, reporter):
 # ------------------------------------------------------------ running guests
 def running(paths, exclude: "Optional[str]" = None, errors: "Optional[List[str]]" = None) -> "List[Metadata]":
     """The metadata of every running guest that has any (status files)."""
+    return _read_dir(paths.running_domains_dir, exclude, errors)
+
+
+def defined(paths) -> "List[Metadata]":
+    """The metadata of every persistent definition (/etc/libvirt/qemu/*.xml)."""
+    return _read_dir(os.path.join(paths.libvirt_etc, "qemu"), None, None)
+
+
+def _read_dir(directory: str, exclude: "Optional[str]", errors: "Optional[List[str]]") -> "List[Metadata]":
+    """The metadata in every domain XML file of `directory` (an unreadable
+    file is skipped, and said in `errors` when given)."""
     from vnethook.libvirt import LibvirtDataError, _read_file
 
-    directory = paths.running_domains_dir
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -394,30 +404,6 @@ def running(paths, exclude: "Optional[str]" = None, errors: "Optional[List[str]]
             continue
         md = read(data, source=path)
         if md is not None and md.domain != exclude:
-            out.append(md)
-    return out
-
-
-def defined(paths) -> "List[Metadata]":
-    """The metadata of every persistent definition (/etc/libvirt/qemu/*.xml)."""
-    from vnethook.libvirt import LibvirtDataError, _read_file
-
-    directory = os.path.join(paths.libvirt_etc, "qemu")
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    out = []
-    for fname in names:
-        if not fname.endswith(".xml") or fname.startswith("."):
-            continue
-        path = os.path.join(directory, fname)
-        try:
-            data = _read_file(path)
-        except LibvirtDataError:
-            continue
-        md = read(data, source=path)
-        if md is not None:
             out.append(md)
     return out
 
