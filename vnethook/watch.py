@@ -151,6 +151,13 @@ def _stamps(paths) -> dict:
     return out
 
 
+def _any_running(paths) -> bool:
+    try:
+        return any(n.endswith(".xml") for n in os.listdir(paths.running_domains_dir))
+    except OSError:
+        return False
+
+
 def _configured_running(paths, config) -> bool:
     try:
         names = os.listdir(paths.running_domains_dir)
@@ -200,6 +207,7 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
     idle_since = None
     want_seen = _read_want(paths)
     next_check = start + repair_every
+    map_error = None  # said once, not at every round while the map stays broken
     dirs = DirWatch([paths.dnsmasq_dir])
     # firewalld flushes every iptables table on reload and restart; while
     # guests run, this watcher also follows firewalld on the system bus
@@ -227,9 +235,22 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
             try:
                 config = load_config_cached(paths)
             except ConfigError as e:
-                log.error(f"lease watcher: port map is invalid, nothing changed:\n{e}")
+                if str(e) != map_error:
+                    log.error(f"lease watcher: port map is invalid, nothing changed:\n{e}")
+                    map_error = str(e)
                 config = None
-            if config is not None:
+            else:
+                map_error = None
+            # The round's clock moves whatever the map's state: a broken map
+            # must not leave the wait below at zero (a busy loop).
+            repair_due = time.monotonic() >= next_check
+            if repair_due:
+                next_check = time.monotonic() + repair_every
+            if config is None:
+                # Which guests the map names is unknown: stay while any guest
+                # runs (it may wait for the fixed map), look again each round.
+                running = _any_running(paths)
+            else:
                 if stamps != last:
                     last = stamps
                     try:
@@ -239,21 +260,21 @@ def run(paths, interval: float = 0.25, idle_exit: float = 30.0, max_seconds: flo
                     except Exception as e:  # keep watching; the next change retries
                         log.error(f"lease watcher: {type(e).__name__}: {e}")
                         last = None
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + repair_every
+                if repair_due:
                     _repair_if_wiped(Engine(paths, config), log)
-                if _configured_running(paths, config):
-                    idle_since = None
-                else:
-                    idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since > idle_exit:
-                        fd = release_or_stay(paths, fd, want_seen)
-                        if fd is None:
-                            break
-                        want_seen, idle_since = _read_want(paths), None
-                        continue
+                running = _configured_running(paths, config)
+            if running:
+                idle_since = None
+            else:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > idle_exit:
+                    fd = release_or_stay(paths, fd, want_seen)
+                    if fd is None:
+                        break
+                    want_seen, idle_since = _read_want(paths), None
+                    continue
             wait = next_check - time.monotonic()
-            if not dirs.complete or last is None:
+            if config is not None and (not dirs.complete or last is None):
                 wait = min(wait, interval)
             dirs.wait(wait)
     finally:

@@ -419,7 +419,14 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("VNETHOOK_STATE_DIR", str(state))
     monkeypatch.setenv("VNETHOOK_LIBVIRT_ROOT", str(root))
     monkeypatch.setenv("VNETHOOK_LOG", "stderr")
-    return Paths(config=str(cfg), libvirt_root=str(root), state_dir=str(state))
+    paths = Paths(config=str(cfg), libvirt_root=str(root), state_dir=str(state))
+    yield paths
+    # The hook events below run in this (the root) namespace: no lease
+    # watcher may be left behind (the maps say lease_watch: off).
+    from vnethook.watch import stop_watcher, watcher_running
+
+    assert not watcher_running(paths), "a test started a lease watcher"
+    stop_watcher(paths)
 
 
 def _map(paths, text):
@@ -436,10 +443,10 @@ def _qemu(name, op, data):
 def test_prepare_validates_metadata_and_blocks_only_under_block(env, capfd):
     bad = dom("<vnethook:forward>99999:80</vnethook:forward>", name="web")
     good = dom("<vnethook:forward>8080:80</vnethook:forward>", name="web")
-    _map(env, "guests:\n  other: [9090:90]\n")
+    _map(env, "settings: {lease_watch: off}\nguests:\n  other: [9090:90]\n")
     for op in ("prepare", "start"):
         assert _qemu("web", op, bad) == 0  # warn: the guest starts
-    _map(env, "settings: {on_error: block}\nguests:\n  other: [9090:90]\n")
+    _map(env, "settings: {on_error: block, lease_watch: off}\nguests:\n  other: [9090:90]\n")
     for op in ("prepare", "start"):
         assert _qemu("web", op, bad) == 1
         assert _qemu("web", op, good) == 0
