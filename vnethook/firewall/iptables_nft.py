@@ -246,25 +246,30 @@ class IptablesNftBackend(Backend):
 
     # --- Backend -----------------------------------------------------------
 
-    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
-        return ir.check_record(key, rules)
+    @property
+    def layout(self) -> str:  # type: ignore[override]
+        chains = "guest-chains" if self.per_guest_chains else "shared-chains"
+        return f"{chains},{'marked' if self.marked else 'accept'}"
 
-    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+        check_key(key, forwards)
         try:
             new = ir.render(forwards, self.marked)
         except ValueError as e:
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
         return [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
-        check_key(key, forwards)
-        record = self.record_for(key, forwards)
+    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
+        record = self.render(key, forwards)
         if not record:
             self.remove(key, previous)
             return []
         if previous is not None:
+            # Every line rendered from `previous` names this guest's tag or
+            # its own chains, so the batch can touch nothing else; a line
+            # the firewall does not hold fails it, and the slow path lists.
             try:
-                self._apply_fast(previous, record)
+                self._apply_fast(self.render(key, previous), record)
                 return record
             except FirewallError:
                 pass  # the firewall no longer matches the record: list and replace
@@ -498,14 +503,18 @@ class IptablesNftBackend(Backend):
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
         return flushed
 
-    def remove(self, key: str, previous: Optional[List[str]]) -> None:
-        if previous == []:
+    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
+        if previous is not None and not previous:
             return
-        families = set(ir.by_family(previous or []))
+        try:
+            rules = None if previous is None else self.render(key, previous)
+        except FirewallError:
+            rules = None  # a record that no longer renders: find the rules by tag
+        families = set(ir.by_family(rules or []))
         done = False
-        if previous:
+        if rules:
             try:
-                for fam, old in sorted(ir.by_family(previous).items()):
+                for fam, old in sorted(ir.by_family(rules).items()):
                     sections: Dict[str, List[str]] = {"nat": [], "filter": []}
                     self._plan(sections, old, [])
                     self._remove_family(fam, sections, old, key)

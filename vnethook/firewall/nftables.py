@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 import ipaddress
 import json
-import re
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
 from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
@@ -191,6 +190,12 @@ class FwdElem(Value):
     def data_json(self) -> dict:
         return {"concat": [self.guest, self.guest_port]}
 
+    def key_text(self) -> str:
+        """The element's key in nft's text syntax (for `get element`; every
+        part is a normalised address, a prefix, a known protocol or a number)."""
+        parts = [p for p in (self.host, self.source) if p is not None]
+        return " . ".join(parts + [self.protocol, str(self.host_port)])
+
 
 Elem = FwdElem
 
@@ -217,7 +222,7 @@ def _net(text: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Pure rendering: forwards -> elements -> JSON commands; record <-> elements.
+# Pure rendering: forwards -> elements -> JSON commands (one function for add and delete).
 
 
 def render_elements(forwards: Sequence[Forward]) -> Dict[str, Elem]:
@@ -266,41 +271,6 @@ def _forward_elements(f: Forward) -> List[Elem]:
         for i in range(hhi - hlo + 1):
             out.append(FwdElem(f.family, f.protocol, host, hlo + i, src, guest.compressed, glo + i))
     return out
-
-
-_FWD_RE = re.compile(
-    r"^(?P<proto>[a-z]+) (?P<host>\*|\[\*\]|\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<hport>\d+)"
-    r"(?: from (?P<src>\S+))? -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<gport>\d+)$"
-)
-
-
-def parse_canonical(text: str) -> Elem:
-    """Turn a record line back into the element it names (ValueError if not ours)."""
-    m = _FWD_RE.match(text)
-    if not m:
-        raise ValueError(f"not a vnethook nftables record line: {text!r}")
-    host_s, guest_s = m["host"], m["guest"]
-    family = 6 if guest_s.startswith("[") else 4
-    if host_s in ("*", "[*]"):
-        host = None
-        if (host_s == "[*]") != (family == 6):
-            raise ValueError(f"mixed families in {text!r}")
-    else:
-        host = _addr(host_s.strip("[]"))
-    if m["proto"] not in PROTOCOLS:
-        raise ValueError(f"unknown protocol in {text!r}")
-    e = FwdElem(
-        family,
-        m["proto"],
-        host,
-        int(m["hport"]),
-        _net(m["src"]) if m["src"] else None,
-        _addr(guest_s.strip("[]")),
-        int(m["gport"]),
-    )
-    if e.canonical() != text:
-        raise ValueError(f"non-canonical record line: {text!r}")
-    return e
 
 
 def guest_marker(key: str) -> str:
@@ -704,32 +674,53 @@ class NftablesBackend(Backend):
 
     # -- Backend interface
 
-    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
-        for line in rules:
-            try:
-                parse_canonical(line)
-            except ValueError as e:
-                return str(e)
-        return None
+    layout = "maps"
 
-    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
         return sorted(render_elements(forwards))
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
+    def _owned(self, key: str, elems: Sequence[Elem]) -> bool:
+        """Whether every one of `elems` is in our maps, tagged as `key`'s.
+
+        A `delete element` names only the key, whoever's comment the
+        element carries, so what a record renders to is deleted only after
+        this check: one `get element` per map, O(elements asked), not a
+        listing. False (go by tag) when anything is missing or not ours.
+        """
+        by_set: Dict[str, List[str]] = {}
+        for e in elems:
+            by_set.setdefault(e.set_name, []).append(e.key_text())
+        if not by_set:
+            return True
+        text = "\n".join(f"get element {FAMILY} {TABLE} {name} {{ {', '.join(keys)} }}"
+                         for name, keys in sorted(by_set.items()))
+        rc, out, _err = self._nft().cmd(text)
+        if rc != 0 or not out:
+            return False
+        n = len(elems)
+        return out.count('comment "') == n and out.count(f'comment "{COMMENT_PREFIX}{key}"') == n
+
+    def _previous(self, key: str, previous: Optional[Sequence[Forward]]) -> Optional[Dict[str, Elem]]:
+        """The elements `previous` renders to, or None (unknown: go by tag)."""
+        if previous is None or any(f.key != key for f in previous):
+            return None
+        try:
+            return render_elements(previous)
+        except FirewallError:
+            return None
+
+    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
         want = render_elements(forwards)
         if not want:
             self.remove(key, previous)
             return []
         record = sorted(want)
         adds = element_commands("add", want.values(), key) + [marker_command("add", key)]
-        if previous is not None:
-            try:
-                prev = {t: parse_canonical(t) for t in previous}
-            except ValueError:
-                prev = None
-            if prev is not None:
+        prev = self._previous(key, previous)
+        if prev is not None:
+            gone = [e for t, e in prev.items() if t not in want]
+            if self._owned(key, gone):
                 fixes, _problems = self._libvirt_fixes()
-                gone = [e for t, e in prev.items() if t not in want]
                 # Re-adding what is already there is a no-op for identical
                 # elements, and restores them if someone flushed our table.
                 cmds = base_commands() + fixes + element_commands("delete", gone) + adds
@@ -752,19 +743,15 @@ class NftablesBackend(Backend):
                 return record
         raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
-    def remove(self, key: str, previous: Optional[List[str]]) -> None:
-        if previous == []:
+    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
+        if previous is not None and not previous:
             return  # nothing was installed (apply() adds no marker without forwards)
-        if previous is not None:
-            try:
-                prev = [parse_canonical(t) for t in previous]
-            except ValueError:
-                prev = None
-            if prev is not None:
-                cmds = element_commands("delete", prev) + [marker_command("delete", key)]
-                if self._transaction(cmds) is None:
-                    self._teardown_if_empty()
-                    return
+        prev = self._previous(key, previous)
+        if prev is not None and self._owned(key, list(prev.values())):
+            cmds = element_commands("delete", prev.values()) + [marker_command("delete", key)]
+            if self._transaction(cmds) is None:
+                self._teardown_if_empty()
+                return
         err = None
         for _attempt in range(2):
             found, marker, _clashes = self._guest_elements(key)
