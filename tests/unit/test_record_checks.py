@@ -79,7 +79,8 @@ def test_nftables_deletes_only_elements_tagged_as_the_guests(monkeypatch):
     assert not b._owned(key, elems)
     b._ctx = Ctx(out([f"vnethook:{key}"] * (len(elems) - 1)))  # one untagged
     assert not b._owned(key, elems)
-    assert b._previous(key, [FORWARDS[0].replace(domain="db")]) is None
+    with pytest.raises(FirewallError):  # another guest's forward in the record: go by tag
+        b._previous(key, [FORWARDS[0].replace(domain="db")])
 
 
 class Paths:

@@ -67,7 +67,10 @@ class Backend(abc.ABC):
     # for another layout (an older release) is not used as `previous`.
     layout: str = "abstract"
 
-    @abc.abstractmethod
+    # How often the slow path is tried: a second listing after a race with
+    # libvirt or another writer (nothing else changes between attempts).
+    attempts = 2
+
     def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
         """Make guest `key`'s installed forwards exactly `forwards`.
 
@@ -77,15 +80,72 @@ class Backend(abc.ABC):
         never a mix. Idempotent. Re-ensures the base (chains, jumps, and the
         accept in libvirt's chain, ahead of libvirt's reject).
         Returns render(key, forwards). Raises FirewallError on failure.
+
+        The one place that decides between the fast path (a batch from the
+        diff of `previous` and `forwards`, no listing) and the slow path
+        (list the guest's tagged rules, replace them), and retries the
+        latter; the backends implement the two paths.
         """
+        want = self.render(key, forwards)
+        if not want:
+            self.remove(key, previous)
+            return []
+        if previous is not None:
+            try:
+                self._apply_fast(key, forwards, previous)
+                return want
+            except FirewallError:
+                pass  # the firewall no longer holds what `previous` renders to: list and replace
+        self._retry(lambda: self._apply_slow(key, forwards))
+        return want
+
+    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
+        """Remove guest `key`'s forwards (`previous` as for apply). Atomic,
+        idempotent; the base goes with the last guest. Fast and slow path as
+        in apply()."""
+        if previous is not None and not previous:
+            return  # nothing was ever installed
+        if previous is not None:
+            try:
+                self._remove_fast(key, previous)
+                return
+            except FirewallError:
+                pass
+        self._retry(lambda: self._remove_slow(key))
+
+    def _retry(self, step) -> None:
+        err: Optional[FirewallError] = None
+        for _attempt in range(self.attempts):
+            try:
+                step()
+                return
+            except FirewallError as e:
+                err = e
+        assert err is not None
+        raise err
 
     @abc.abstractmethod
     def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
         """The canonical strings of what apply() installs for these forwards (pure)."""
 
     @abc.abstractmethod
-    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
-        """Remove guest `key`'s forwards (`previous` as for apply). Atomic, idempotent."""
+    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
+        """One atomic change from what `previous` renders to, to `forwards`'
+        (non-empty), without listing. FirewallError (firewall unchanged) if
+        the firewall does not hold `previous` as this guest's."""
+
+    @abc.abstractmethod
+    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
+        """List the guest's tagged rules, replace them with `forwards`' (non-empty)."""
+
+    @abc.abstractmethod
+    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
+        """Delete what `previous` (non-empty) renders to, without listing,
+        and the base if no guest is left; FirewallError as _apply_fast."""
+
+    @abc.abstractmethod
+    def _remove_slow(self, key: str) -> None:
+        """List the guest's tagged rules, delete them; the base if no guest is left."""
 
     @abc.abstractmethod
     def snapshot(self) -> Snapshot:

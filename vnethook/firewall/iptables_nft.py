@@ -259,24 +259,16 @@ class IptablesNftBackend(Backend):
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
         return [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
-        record = self.render(key, forwards)
-        if not record:
-            self.remove(key, previous)
-            return []
-        if previous is not None:
-            # Every line rendered from `previous` names this guest's tag or
-            # its own chains, so the batch can touch nothing else; a line
-            # the firewall does not hold fails it, and the slow path lists.
-            try:
-                self._apply_fast(self.render(key, previous), record)
-                return record
-            except FirewallError:
-                pass  # the firewall no longer matches the record: list and replace
-        self._apply_slow(key, record)
-        return record
+    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
+        # Every line rendered from `previous` names this guest's tag or its
+        # own chains, so the batch can touch nothing else; a line the
+        # firewall does not hold fails it (and the slow path lists).
+        self._change(self.render(key, previous), self.render(key, forwards))
 
-    def _apply_fast(self, previous: Iterable[str], record: List[str]) -> None:
+    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
+        self._replace(key, self.render(key, forwards))
+
+    def _change(self, previous: Iterable[str], record: List[str]) -> None:
         """One batch per family from the record's diff; undone if it fails.
 
         A failed batch may have committed its earlier table sections (and an
@@ -430,7 +422,7 @@ class IptablesNftBackend(Backend):
         names = {p + h for p in ir.GUEST_CHAINS.values()}
         return [(t, c) for t, cs in st.guest_chains.items() for c in sorted(cs) if c in names]
 
-    def _apply_slow(self, key: str, record: List[str], revert: bool = True) -> None:
+    def _replace(self, key: str, record: List[str], revert: bool = True) -> None:
         """List, then replace the guest's tagged rules, family by family.
 
         Each table commits on its own, so when a later table (or family)
@@ -465,7 +457,7 @@ class IptablesNftBackend(Backend):
         except FirewallError:
             if revert:
                 try:
-                    self._apply_slow(key, before, revert=False)
+                    self._replace(key, before, revert=False)
                 except FirewallError:
                     pass
             raise
@@ -503,41 +495,28 @@ class IptablesNftBackend(Backend):
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
         return flushed
 
-    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
-        if previous is not None and not previous:
-            return
-        try:
-            rules = None if previous is None else self.render(key, previous)
-        except FirewallError:
-            rules = None  # a record that no longer renders: find the rules by tag
-        families = set(ir.by_family(rules or []))
-        done = False
-        if rules:
+    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
+        for fam, old in sorted(ir.by_family(self.render(key, previous)).items()):
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            self._plan(sections, old, [])
+            self._remove_family(fam, sections, old, key)
+
+    def _remove_slow(self, key: str) -> None:
+        families = set()
+        for fam in ir.FAMILIES:
             try:
-                for fam, old in sorted(ir.by_family(rules).items()):
-                    sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-                    self._plan(sections, old, [])
-                    self._remove_family(fam, sections, old, key)
-                    families.discard(fam)
-                done = True
+                st = self._state(fam)
             except FirewallError:
-                pass
-        if not done:
-            families = set()
-            for fam in ir.FAMILIES:
-                try:
-                    st = self._state(fam)
-                except FirewallError:
-                    continue
-                old = st.guests.get(key, [])
-                existing = self._own_chains(st, key)
-                if old or st.present:
-                    # also a base left by a removal killed before its teardown
-                    families.add(fam)
-                if old or existing:
-                    sections = {}
-                    self._plan(sections, old, [], existing)
-                    self._restore(fam, self._batch(sections))
+                continue
+            old = st.guests.get(key, [])
+            existing = self._own_chains(st, key)
+            if old or st.present:
+                # also a base left by a removal killed before its teardown
+                families.add(fam)
+            if old or existing:
+                sections: Dict[str, List[str]] = {}
+                self._plan(sections, old, [], existing)
+                self._restore(fam, self._batch(sections))
         for fam in sorted(families):
             self._teardown_if_empty(fam)
 

@@ -583,6 +583,7 @@ class NftablesBackend(Backend):
 
     def __init__(self) -> None:
         self._ctx = None
+        self._rendered: Optional[Tuple[Tuple[Forward, ...], Dict[str, Elem]]] = None
 
     # -- libnftables plumbing
 
@@ -676,8 +677,17 @@ class NftablesBackend(Backend):
 
     layout = "maps"
 
+    def _elements(self, forwards: Sequence[Forward]) -> Dict[str, Elem]:
+        """render_elements(), remembered for the last forwards: apply()
+        renders once for the record and once for the batch (a 1000-port
+        range is 1000 elements)."""
+        tf = tuple(forwards)
+        if self._rendered is None or self._rendered[0] != tf:
+            self._rendered = (tf, render_elements(tf))
+        return self._rendered[1]
+
     def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
-        return sorted(render_elements(forwards))
+        return sorted(self._elements(forwards))
 
     def _owned(self, key: str, elems: Sequence[Elem]) -> bool:
         """Whether every one of `elems` is in our maps, tagged as `key`'s.
@@ -700,69 +710,61 @@ class NftablesBackend(Backend):
         n = len(elems)
         return out.count('comment "') == n and out.count(f'comment "{COMMENT_PREFIX}{key}"') == n
 
-    def _previous(self, key: str, previous: Optional[Sequence[Forward]]) -> Optional[Dict[str, Elem]]:
-        """The elements `previous` renders to, or None (unknown: go by tag)."""
-        if previous is None or any(f.key != key for f in previous):
-            return None
-        try:
-            return render_elements(previous)
-        except FirewallError:
-            return None
+    def _previous(self, key: str, previous: Sequence[Forward]) -> Dict[str, Elem]:
+        """The elements `previous` renders to (FirewallError: go by tag)."""
+        if any(f.key != key for f in previous):
+            raise FirewallError(f"nftables: the recorded forwards are not all {key}'s")
+        return render_elements(previous)
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
-        want = render_elements(forwards)
-        if not want:
-            self.remove(key, previous)
-            return []
-        record = sorted(want)
-        adds = element_commands("add", want.values(), key) + [marker_command("add", key)]
-        prev = self._previous(key, previous)
-        if prev is not None:
-            gone = [e for t, e in prev.items() if t not in want]
-            if self._owned(key, gone):
-                fixes, _problems = self._libvirt_fixes()
-                # Re-adding what is already there is a no-op for identical
-                # elements, and restores them if someone flushed our table.
-                cmds = base_commands() + fixes + element_commands("delete", gone) + adds
-                if self._write(cmds) is None:
-                    return record
-        err = None
-        for _attempt in range(2):  # the second try re-lists after a race with libvirt
-            found, _marker, clashes = self._guest_elements(key, want)
-            if clashes:
-                raise FirewallError(
-                    f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
-                    + "; ".join(clashes[:5])
-                    + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
-                )
-            fixes, _problems = self._libvirt_fixes()
-            gone = [e for t, e in found.items() if t not in want]
-            cmds = base_commands() + fixes + element_commands("delete", gone) + adds
-            err = self._write(cmds)
-            if err is None:
-                return record
-        raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
+        want = self._elements(forwards)
+        gone = [e for t, e in self._previous(key, previous).items() if t not in want]
+        if not self._owned(key, gone):
+            raise FirewallError(f"nftables: {key}'s recorded elements are not in the firewall as its own")
+        fixes, _problems = self._libvirt_fixes()
+        # Re-adding what is already there is a no-op for identical
+        # elements, and restores them if someone flushed our table.
+        err = self._write(base_commands() + fixes + element_commands("delete", gone) + self._adds(key, want))
+        if err is not None:
+            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
-    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
-        if previous is not None and not previous:
-            return  # nothing was installed (apply() adds no marker without forwards)
-        prev = self._previous(key, previous)
-        if prev is not None and self._owned(key, list(prev.values())):
-            cmds = element_commands("delete", prev.values()) + [marker_command("delete", key)]
-            if self._transaction(cmds) is None:
-                self._teardown_if_empty()
-                return
-        err = None
-        for _attempt in range(2):
-            found, marker, _clashes = self._guest_elements(key)
-            cmds = element_commands("delete", found.values())
-            if marker:
-                cmds.append(marker_command("delete", key))
-            err = self._transaction(cmds)
-            if err is None:
-                self._teardown_if_empty()
-                return
-        raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+    @staticmethod
+    def _adds(key: str, want: Dict[str, Elem]) -> List[dict]:
+        return element_commands("add", want.values(), key) + [marker_command("add", key)]
+
+    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
+        want = self._elements(forwards)
+        found, _marker, clashes = self._guest_elements(key, want)
+        if clashes:
+            raise FirewallError(
+                f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
+                + "; ".join(clashes[:5])
+                + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+            )
+        fixes, _problems = self._libvirt_fixes()
+        gone = [e for t, e in found.items() if t not in want]
+        err = self._write(base_commands() + fixes + element_commands("delete", gone) + self._adds(key, want))
+        if err is not None:
+            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+
+    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
+        prev = list(self._previous(key, previous).values())
+        if not self._owned(key, prev):
+            raise FirewallError(f"nftables: {key}'s recorded elements are not in the firewall as its own")
+        err = self._transaction(element_commands("delete", prev) + [marker_command("delete", key)])
+        if err is not None:
+            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+        self._teardown_if_empty()
+
+    def _remove_slow(self, key: str) -> None:
+        found, marker, _clashes = self._guest_elements(key)
+        cmds = element_commands("delete", found.values())
+        if marker:
+            cmds.append(marker_command("delete", key))
+        err = self._transaction(cmds)
+        if err is not None:
+            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+        self._teardown_if_empty()
 
     def _list_guests_set(self) -> Optional[str]:
         """Set `guests` in nft's text form (cheap), or None if it is missing."""
