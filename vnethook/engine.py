@@ -382,7 +382,7 @@ class Engine:
         if any(f.is_loopback for f in old ^ new) or any(f.is_loopback for f in forwards):
             self._update_localnet()
 
-    def _update_localnet(self, verify: bool = False) -> None:
+    def _update_localnet(self, verify: bool = False, records: "dict | None" = None) -> None:
         """route_localnet, guarded, on exactly the bridges that have a 127.x forward.
 
         `verify` (sync): check the guard in the firewall and put libvirt's
@@ -392,7 +392,9 @@ class Engine:
 
         need = set()
         bridges = set()
-        for rec in state.all_records(self.paths).values():
+        if records is None:
+            records = state.all_records(self.paths)
+        for rec in records.values():
             for f in state.forwards_of(rec):
                 bridges.add(f.bridge)
                 if f.is_loopback and f.family == 4:
@@ -513,10 +515,12 @@ class Engine:
                         state.mark_removal(self.paths, key, name)
                         conflicts = self.lease_conflicts(state.forwards_of(rec))
                         report.errors.append(f"{name}: removal failed, retried later: {e}" + "".join(f"; {c}" for c in conflicts))
-                if verify and not report.errors and not state.all_records(self.paths):
+                if verify and not report.errors and not state.any_record(self.paths):
                     self._drop_orphan_base(backend, report)
             if verify:
-                self._update_localnet(verify=True)
+                # The records read above, unless this sync changed some.
+                same = not (report.applied or report.removed or report.errors)
+                self._update_localnet(verify=True, records=records if same else None)
             self._update_others(backend)
         return report
 

@@ -507,7 +507,14 @@ def read_leases(path: str, now: Optional[float] = None) -> List[Lease]:
     if now is None:
         now = time.time()
     parsed = _memo(path, "leases", _parse_leases)
-    if all(l.expiry == 0 or l.expiry > now for l in parsed):
+    # The soonest expiry, once per parsed file: sync plans every guest of a
+    # bridge against it, and checking each lease every time was O(guests^2).
+    soonest = getattr(parsed, "soonest", False)
+    if soonest is False:
+        soonest = min((l.expiry for l in parsed if l.expiry != 0), default=None)
+        if isinstance(parsed, LeaseList):
+            parsed.soonest = soonest
+    if soonest is None or soonest > now:
         return parsed  # the same object while nothing expired: the planner indexes it once
     return [l for l in parsed if l.expiry == 0 or l.expiry > now]
 
@@ -515,7 +522,8 @@ def read_leases(path: str, now: Optional[float] = None) -> List[Lease]:
 class LeaseList(list):
     """A read-only list of leases, shared by every reader of one file."""
 
-    __slots__ = ("by_key",)
+    __slots__ = ("by_key", "soonest")
+    soonest: "float | None"  # the earliest non-zero expiry, set by read_leases()
 
     def _read_only(self, *args, **kw):
         raise TypeError("LeaseList is read-only (copy it with list())")

@@ -78,6 +78,9 @@ def _load(paths, key: str) -> "tuple[dict | None, str | None]":
     return data, None
 
 
+_PARSED = "\0forwards"  # a read record's forwards as Forward objects (never written)
+
+
 def _plain(v: object) -> bool:
     return isinstance(v, str) and not any(ord(c) < 32 or ord(c) == 127 for c in v)
 
@@ -103,6 +106,7 @@ def _shape(data: object, key: str) -> str | None:
         return "waiting: not a list of plain strings"
     if not isinstance(fwds, list):
         return "forwards: not a list"
+    parsed = []
     for i, d in enumerate(fwds):
         try:
             f = Forward.from_record(d)
@@ -110,6 +114,8 @@ def _shape(data: object, key: str) -> str | None:
             return f"forwards[{i}]: {e}"
         if f.key != key:
             return f"forwards[{i}] belongs to {f.key}"
+        parsed.append(f)
+    data[_PARSED] = parsed  # forwards_of() need not check them again
     return None
 
 
@@ -191,6 +197,9 @@ def all_records(paths) -> dict:
 def forwards_of(record: dict | None) -> list:
     if not record:
         return []
+    parsed = record.get(_PARSED)
+    if parsed is not None:
+        return list(parsed)
     out = []
     for d in record.get("forwards") or ():
         try:
