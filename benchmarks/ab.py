@@ -150,6 +150,8 @@ def run(backend: str, others: int, args) -> list:
                     add("prepare (no-op)", v, r["prepare"])
                     add("unconfigured started (no-op)", v, r["unconf"])
                     r = w.ask_v("range", v)
+                    add("range started", v, r["up"])
+                    add("range stopped", v, r["down"])
                     add("range started+stopped", v, r["up"] + r["down"])
         if others:
             for i in range(max(2, args.repeat // 3)):
