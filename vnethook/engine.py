@@ -6,6 +6,16 @@ state). Hooks, sync, the lease waiter and the CLI all go through it, so
 every path follows the same write-ahead discipline:
 
   record(pending) -> backend.apply/remove (atomic) -> record(final)
+
+The engine is also the only place with a diff between what is installed
+and what the plan wants. The record holds *inputs* (the forwards applied,
+the backend, its layout), so the engine needs no backend's syntax: it
+hands the recorded forwards to the backend as `previous` (or None: find by
+tag, when the record is pending, refused, or of another layout), and asks
+the backend to render them when it compares with a listing (sync, status,
+repair). Fast path vs slow path and the retry of the latter live in
+firewall/base.py (Backend.apply/remove); what remains per backend is its
+syntax, its batches and its teardown.
 """
 
 from __future__ import annotations
