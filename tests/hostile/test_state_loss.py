@@ -272,3 +272,43 @@ def _keys(host):
     from vnethook.model import guest_key
 
     return [guest_key(g) for g in MACS]
+
+
+def test_an_older_releases_records_are_used_or_found_by_tag(host):
+    """Upgrade with guests running: records of the previous release hold the
+    rendered rules and no layout. One whose rules are what its forwards
+    render to now is used as is (no listing) and rewritten by sync without
+    them; one whose rules differ is found by tag. Either way nothing is
+    duplicated or left behind."""
+    from vnethook import state as records
+    from vnethook.firewall import get_backend
+
+    be = get_backend(host.backend)
+    baseline = host.foreign()
+    host.write_map(_map())
+    for g, m in MACS.items():
+        assert host.started(g, [m]).returncode == 0
+    reference = _no_dupes(host)
+    keys = sorted(host.records())
+
+    def old(rules=None):
+        def edit(data):
+            data.pop("layout")
+            data["rules"] = rules if rules is not None else be.render(data["key"], records.forwards_of(data))
+        return edit
+
+    _tamper(host, keys[0], old())
+    _tamper(host, keys[1], old(["4 nat -A VNETHOOK-DNAT -j ACCEPT"]))
+    p = host.cli("sync")
+    assert p.returncode == 0, p.stderr
+    assert _no_dupes(host) == reference
+    assert all("rules" not in r and r["layout"] == be.layout for r in host.records().values())
+    _tamper(host, keys[0], old())
+    _tamper(host, keys[1], old(["4 nat -A VNETHOOK-DNAT -j ACCEPT"]))
+    p = host.stopped("g0", [MACS["g0"]])
+    assert p.returncode == 0 and b"by tag" not in p.stderr, p.stderr
+    assert not any("8000" in l for l in _no_dupes(host)) and any("8001" in l for l in host.ours())
+    p = host.stopped("g1", [MACS["g1"]])
+    assert p.returncode == 0 and b"by tag" in p.stderr, p.stderr
+    assert host.ours() == [] and host.records() == {}
+    assert host.foreign() == baseline

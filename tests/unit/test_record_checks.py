@@ -54,31 +54,28 @@ def test_what_a_record_renders_to_names_only_its_guest(marked):
         IptablesNftBackend().render(key, [FORWARDS[0].replace(domain="db")])
 
 
-def test_nftables_deletes_only_elements_tagged_as_the_guests(monkeypatch):
-    """A `delete element` names only the key: the elements are checked first."""
-    b = NftablesBackend()
-    elems = list(render_elements(FORWARDS[:2]).values())
+def test_nftables_deletes_a_records_elements_only_with_their_marker():
+    """`delete element` names only the key: every batch that deletes what a
+    record renders to also deletes the guest's marker for exactly those
+    elements (absent, the batch fails whole), and a forward of another
+    guest in the record is refused before any batch."""
+    from vnethook.firewall import nftables as nb
+
     key = FORWARDS[0].key
-    asked = []
-
-    class Ctx:
-        def __init__(self, out):
-            self.out = out
-
-        def cmd(self, text):
-            asked.append(text)
-            return 0, self.out, ""
-
-    def out(comments):
-        return "".join(f'elements = {{ x comment "{c}" : y }}\n' for c in comments)
-
-    b._ctx = Ctx(out([f"vnethook:{key}"] * len(elems)))
-    assert b._owned(key, elems)
-    assert all(t.startswith("get element inet vnethook fwd") for t in asked[0].split("\n"))
-    b._ctx = Ctx(out([f"vnethook:{key}"] * (len(elems) - 1) + ["vnethook:db-0000000000"]))
-    assert not b._owned(key, elems)
-    b._ctx = Ctx(out([f"vnethook:{key}"] * (len(elems) - 1)))  # one untagged
-    assert not b._owned(key, elems)
+    mine = render_elements(FORWARDS[:2])
+    forged = render_elements(FORWARDS[:2] + [FORWARDS[0].replace(host_ports=(9000, 9000), guest_ports=(90, 90))])
+    assert nb.guest_marker(key, mine) != nb.guest_marker(key, forged)
+    assert nb.guest_marker(key, mine) != nb.guest_marker("db-0000000000", mine)
+    assert nb.guest_marker(key, list(mine)) == nb.guest_marker(key, sorted(mine, reverse=True))
+    sent = []
+    b = NftablesBackend()
+    b._transaction = lambda cmds: sent.append(cmds)  # type: ignore[method-assign]
+    b._teardown_if_empty = lambda: None  # type: ignore[method-assign]
+    b._remove_fast(key, FORWARDS[:2])
+    (cmds,) = sent
+    assert cmds[-1] == nb.marker_command("delete", key, mine)
+    assert sorted(e for c in cmds[:-1] for e in map(str, c["delete"]["element"]["elem"])) == sorted(
+        str(nb.element_json(e, None)) for e in mine.values())
     with pytest.raises(FirewallError):  # another guest's forward in the record: go by tag
         b._previous(key, [FORWARDS[0].replace(domain="db")])
 

@@ -51,8 +51,15 @@ Why this shape:
 - When the last guest goes, everything goes (table and libvirt accepts),
   so a host without forwards carries nothing of ours. "Last" is known
   without listing the maps: set ``guests`` holds one marker element per
-  guest that has forwards (an IPv6-typed 128-bit hash of the key, with the
-  key as comment), and listing it is cheap.
+  guest that has forwards (an IPv6-typed 128-bit hash of the key and of
+  its elements, with the key as comment), and listing it is cheap.
+- The record holds forwards, not elements, and ``delete element`` names
+  only an element's key, whoever's comment it carries. A change or removal
+  from the record therefore deletes the guest's marker for exactly the
+  elements the record renders to, in the same transaction: it exists only
+  if those are what this guest's last change installed, so a record that
+  names another guest's element fails the batch, and the slow path finds
+  the guest's elements by their comment instead.
 
 The ``nftables`` binding is imported lazily: the hook's fast paths never
 pay for it unless this backend is in use.
@@ -81,7 +88,6 @@ LIBVIRT_TABLE = "libvirt_network"
 LIBVIRT_CHAIN = "forward"
 LIBVIRT_FAMILIES = ("ip", "ip6")
 COMMENT_PREFIX = f"{TAG}:"
-GET_CHUNK = 64  # keys per `get element` command (see NftablesBackend._owned)
 
 _PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
 _NAT_PRIO_DST = -100
@@ -274,13 +280,24 @@ def _forward_elements(f: Forward) -> List[Elem]:
     return out
 
 
-def guest_marker(key: str) -> str:
-    """The guest's element in set `guests`: 128 bits of hash, typed as IPv6."""
-    return str(ipaddress.IPv6Address(_sha256(key.encode("utf-8")).digest()[:16]))
+def guest_marker(key: str, elements: Iterable[str] = ()) -> str:
+    """The guest's element in set `guests`: 128 bits of a hash of its key
+    and its elements' canonical strings, typed as IPv6.
+
+    Why the elements: `delete element` names only an element's key,
+    whoever's comment it carries, and a record holds forwards, which could
+    name another guest's port. A removal deletes this marker in the same
+    transaction as the elements; the marker exists only if those elements
+    are exactly what this guest's last change installed, so a record that
+    says otherwise fails the whole batch (and the rules are found by tag).
+    (Releases before this one used the key alone: their markers go by tag.)
+    """
+    data = key.encode("utf-8") + b"".join(b"\n" + e.encode("utf-8") for e in sorted(elements))
+    return str(ipaddress.IPv6Address(_sha256(data).digest()[:16]))
 
 
-def marker_command(op: str, key: str) -> dict:
-    val: Any = guest_marker(key)
+def marker_command(op: str, key: str, elements: Iterable[str] = (), value: Optional[str] = None) -> dict:
+    val: Any = value or guest_marker(key, elements)
     if op == "add":
         val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
     return {op: {"element": {"family": FAMILY, "table": TABLE, "name": GUESTS_SET, "elem": [val]}}}
@@ -547,18 +564,24 @@ def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]
     return e, key
 
 
-def _marker_owners(listing: Sequence[dict]) -> List[str]:
-    """Guest keys named by the elements of set `guests` in a table listing."""
+def _markers(listing: Sequence[dict]) -> List[Tuple[str, str]]:
+    """(guest key, value) of the elements of set `guests` in a table listing."""
     out = []
     for o in listing:
         s = o.get("set")
         if not s or s.get("name") != GUESTS_SET or s.get("table") != TABLE or s.get("family") != FAMILY:
             continue
         for entry in s.get("elem") or ():
-            c = entry.get("elem", {}).get("comment") if isinstance(entry, dict) else None
-            if isinstance(c, str) and c.startswith(COMMENT_PREFIX):
-                out.append(c[len(COMMENT_PREFIX) :])
+            e = entry.get("elem", {}) if isinstance(entry, dict) else {}
+            c, v = e.get("comment"), e.get("val")
+            if isinstance(c, str) and c.startswith(COMMENT_PREFIX) and isinstance(v, str):
+                out.append((c[len(COMMENT_PREFIX) :], v))
     return out
+
+
+def _marker_owners(listing: Sequence[dict]) -> List[str]:
+    """Guest keys named by the elements of set `guests` in a table listing."""
+    return [k for k, _v in _markers(listing)]
 
 
 def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
@@ -652,15 +675,15 @@ class NftablesBackend(Backend):
 
     def _guest_elements(
         self, key: str, want: Optional[Dict[str, Elem]] = None
-    ) -> Tuple[Dict[str, Elem], bool, List[str]]:
-        """Slow path: the key's elements as found in our table, whether its
-        marker is there, and which wanted elements another owner already holds.
+    ) -> Tuple[Dict[str, Elem], List[str], List[str]]:
+        """Slow path: the key's elements as found in our table, the values of
+        its markers, and which wanted elements another owner already holds.
         """
         listing = self._list_table()
         found: Dict[str, Elem] = {}
         if listing is None:
-            return found, False, []
-        marker = key in _marker_owners(listing)
+            return found, [], []
+        marker = [v for k, v in _markers(listing) if k == key]
         wanted_keys = {(e.set_name, json.dumps(e.key_json())): t for t, e in (want or {}).items()}
         clashes: List[str] = []
         for set_name, entry in _set_items(listing):
@@ -690,48 +713,6 @@ class NftablesBackend(Backend):
     def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
         return sorted(self._elements(forwards))
 
-    def _owned(self, key: str, elems: Sequence[Elem]) -> bool:
-        """Whether every one of `elems` is in our maps, tagged as `key`'s.
-
-        A `delete element` names only the key, whoever's comment the
-        element carries, so what a record renders to is deleted only after
-        this check (else: go by tag). Hash maps: `get element`, O(elements
-        asked), not a listing; at most GET_CHUNK keys per command, since
-        libnftables 1.0.6 crashes (SIGSEGV) on a `get element` with some
-        200 keys. Interval maps (forwards with sources): listed, since its
-        `get element` crashes there with far fewer; their updates cost
-        O(map) anyway.
-        """
-        by_set: Dict[str, List[Elem]] = {}
-        for e in elems:
-            by_set.setdefault(e.set_name, []).append(e)
-        gets: List[str] = []
-        asked = 0
-        for name, es in sorted(by_set.items()):
-            if _MAPS_BY_NAME[name].sourced:
-                listing = self._list({"map": {"family": FAMILY, "table": TABLE, "name": name}}) or []
-                mine = set()
-                for set_name, entry in _set_items(listing):
-                    try:
-                        e, owner = parse_listed_element(set_name, entry)
-                    except (ValueError, TypeError, KeyError):
-                        continue
-                    if owner == key:
-                        mine.add(e.canonical())
-                if any(e.canonical() not in mine for e in es):
-                    return False
-                continue
-            keys = [e.key_text() for e in es]
-            asked += len(keys)
-            gets += [f"get element {FAMILY} {TABLE} {name} {{ {', '.join(keys[i:i + GET_CHUNK])} }}"
-                     for i in range(0, len(keys), GET_CHUNK)]
-        if not gets:
-            return True
-        rc, out, _err = self._nft().cmd("\n".join(gets))
-        if rc != 0 or not out:
-            return False
-        return out.count('comment "') == asked and out.count(f'comment "{COMMENT_PREFIX}{key}"') == asked
-
     def _previous(self, key: str, previous: Sequence[Forward]) -> Dict[str, Elem]:
         """The elements `previous` renders to (FirewallError: go by tag)."""
         if any(f.key != key for f in previous):
@@ -740,23 +721,25 @@ class NftablesBackend(Backend):
 
     def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
         want = self._elements(forwards)
-        gone = [e for t, e in self._previous(key, previous).items() if t not in want]
-        if not self._owned(key, gone):
-            raise FirewallError(f"nftables: {key}'s recorded elements are not in the firewall as its own")
+        prev = self._previous(key, previous)
+        gone = [e for t, e in prev.items() if t not in want]
         fixes, _problems = self._libvirt_fixes()
         # Re-adding what is already there is a no-op for identical
-        # elements, and restores them if someone flushed our table.
-        err = self._write(base_commands() + fixes + element_commands("delete", gone) + self._adds(key, want))
+        # elements, and restores them if someone flushed our table. The old
+        # marker's delete fails the batch unless `previous` is what is
+        # installed as this guest's (guest_marker).
+        err = self._write(base_commands() + fixes + element_commands("delete", gone)
+                          + [marker_command("delete", key, prev)] + self._adds(key, want))
         if err is not None:
             raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
     @staticmethod
     def _adds(key: str, want: Dict[str, Elem]) -> List[dict]:
-        return element_commands("add", want.values(), key) + [marker_command("add", key)]
+        return element_commands("add", want.values(), key) + [marker_command("add", key, want)]
 
     def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
         want = self._elements(forwards)
-        found, _marker, clashes = self._guest_elements(key, want)
+        found, markers, clashes = self._guest_elements(key, want)
         if clashes:
             raise FirewallError(
                 f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
@@ -765,24 +748,23 @@ class NftablesBackend(Backend):
             )
         fixes, _problems = self._libvirt_fixes()
         gone = [e for t, e in found.items() if t not in want]
-        err = self._write(base_commands() + fixes + element_commands("delete", gone) + self._adds(key, want))
+        cmds = base_commands() + fixes + element_commands("delete", gone)
+        cmds += [marker_command("delete", key, value=v) for v in markers]
+        err = self._write(cmds + self._adds(key, want))
         if err is not None:
             raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
     def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
-        prev = list(self._previous(key, previous).values())
-        if not self._owned(key, prev):
-            raise FirewallError(f"nftables: {key}'s recorded elements are not in the firewall as its own")
-        err = self._transaction(element_commands("delete", prev) + [marker_command("delete", key)])
+        prev = self._previous(key, previous)
+        err = self._transaction(element_commands("delete", prev.values()) + [marker_command("delete", key, prev)])
         if err is not None:
             raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
         self._teardown_if_empty()
 
     def _remove_slow(self, key: str) -> None:
-        found, marker, _clashes = self._guest_elements(key)
+        found, markers, _clashes = self._guest_elements(key)
         cmds = element_commands("delete", found.values())
-        if marker:
-            cmds.append(marker_command("delete", key))
+        cmds += [marker_command("delete", key, value=v) for v in markers]
         err = self._transaction(cmds)
         if err is not None:
             raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
