@@ -180,3 +180,23 @@ def test_an_older_releases_record_is_used_only_if_its_rules_still_render(tmp_pat
     assert Engine._previous(be, key, dict(rec, rules=rules, pending=True)) is None
     assert Engine._previous(be, key, dict(rec, rules=[], layout="shared-chains,accept")) is None
     assert Engine._previous(be, key, dict(rec, layout=be.layout)) == FORWARDS
+
+
+def test_nftables_first_apply_takes_the_fast_path():
+    """previous == [] (nothing installed): no marker to delete, no listing."""
+    from vnethook.firewall import nftables as nb
+
+    key = FORWARDS[0].key
+    sent = []
+    b = NftablesBackend()
+    b._write = lambda cmds: sent.append(cmds)  # type: ignore[method-assign]
+    b._libvirt_fixes = lambda: ([], [])  # type: ignore[method-assign]
+
+    def no_listing(*a, **kw):
+        raise AssertionError("listed")
+
+    b._guest_elements = no_listing  # type: ignore[method-assign]
+    assert b.apply(key, FORWARDS[:2], []) == sorted(render_elements(FORWARDS[:2]))
+    (cmds,) = sent
+    assert not any("delete" in c for c in cmds)
+    assert cmds[-1] == nb.marker_command("add", key, render_elements(FORWARDS[:2]))

@@ -183,9 +183,6 @@ class IptablesNftBackend(Backend):
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
     # The tables are nf_tables: nfnetlink can count, list and delete in them.
     nf_tables = True
-    # Every change goes through one `*-restore` run per batch (steps echoed
-    # with -v, see run_tool); a subclass with another transport says False.
-    restore_steps = True
 
     def __init__(self) -> None:
         self._paths: Dict[str, str] = {}
@@ -592,6 +589,8 @@ class IptablesNftBackend(Backend):
         teardown that fails (and waits for an RCU grace period) whenever
         other guests remain.
         """
+        if not self.nf_tables:
+            return None
         from vnethook.firewall.nfnetlink import chain_use
 
         expect = ir.base_use(fam, self.marked)
@@ -620,10 +619,7 @@ class IptablesNftBackend(Backend):
         other guests still forwarding it changes nothing.
         """
         try:
-            if self.restore_steps:
-                self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
-            else:
-                self._restore(fam, self._teardown_batch(fam))
+            self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
         except FirewallError:
             pass
 

@@ -1,9 +1,7 @@
 """iptables rules as data, shared by the nft and legacy iptables flavours.
 
-Both flavours install the same rules; only the transport differs (a
-restore batch for iptables-nft, libiptc commits for legacy). Rendering
-once, as data, keeps them identical and lets each flavour print or build
-them its own way.
+Both flavours install the same rules, through their own restore tool.
+Rendering once, as data, keeps them identical.
 
 The text form of a rule is exactly what `iptables-save` prints back
 (`-d 192.0.2.10/32`, quoted comments, `--dport 30000:30009`). That is the

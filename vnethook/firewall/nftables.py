@@ -76,7 +76,6 @@ import ipaddress
 import json
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
-from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
 
@@ -622,8 +621,10 @@ class NftablesBackend(Backend):
                 ) from exc
             ctx = nftables.Nftables()
             ctx.set_handle_output(True)
+            # Not handed to a detached child at exit (nfnetlink.hold_past_exit,
+            # which iptables-nft's netlink batches use): measured with
+            # benchmarks/ab.py, it made no difference here (README, Performance).
             self._ctx = ctx
-            _hold_socket_past_exit(ctx)
         return self._ctx
 
     def _run(self, cmds: List[dict]) -> Tuple[int, Any, str]:
@@ -728,8 +729,10 @@ class NftablesBackend(Backend):
         # elements, and restores them if someone flushed our table. The old
         # marker's delete fails the batch unless `previous` is what is
         # installed as this guest's (guest_marker).
+        # (`previous` empty: nothing installed, so no marker to delete.)
+        old_marker = [marker_command("delete", key, prev)] if prev else []
         err = self._write(base_commands() + fixes + element_commands("delete", gone)
-                          + [marker_command("delete", key, prev)] + self._adds(key, want))
+                          + old_marker + self._adds(key, want))
         if err is not None:
             raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
 
