@@ -76,6 +76,7 @@ import ipaddress
 import json
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
+from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
 
@@ -621,10 +622,11 @@ class NftablesBackend(Backend):
                 ) from exc
             ctx = nftables.Nftables()
             ctx.set_handle_output(True)
-            # Not handed to a detached child at exit (nfnetlink.hold_past_exit,
-            # which iptables-nft's netlink batches use): measured with
-            # benchmarks/ab.py, it made no difference here (README, Performance).
             self._ctx = ctx
+            # Closed by a detached child after we exit (nfnetlink.hold_past_exit):
+            # with many guests, closing it ourselves waits for the deleted
+            # elements' RCU grace period (README, Performance: measured).
+            _hold_socket_past_exit(ctx)
         return self._ctx
 
     def _run(self, cmds: List[dict]) -> Tuple[int, Any, str]:
