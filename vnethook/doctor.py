@@ -108,7 +108,7 @@ def run(paths, domain_name: "Optional[str]" = None, port: "Optional[int]" = None
             fams.add(f.family)
             if f not in have:
                 r.fail(f"{n}: {f.describe()} is not installed", "vnethook sync")
-            elif rec is not None and set(rec.get("rules") or ()) - live:
+            elif rec is not None and (engine.recorded_rules(guest_key(n), rec) or set()) - live:
                 r.fail(f"{n}: {f.describe()}: rules recorded but missing from the firewall", "vnethook sync")
             else:
                 r.ok(f"{n}: {f.describe()} installed")

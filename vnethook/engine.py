@@ -6,6 +6,16 @@ state). Hooks, sync, the lease waiter and the CLI all go through it, so
 every path follows the same write-ahead discipline:
 
   record(pending) -> backend.apply/remove (atomic) -> record(final)
+
+The engine is also the only place with a diff between what is installed
+and what the plan wants. The record holds *inputs* (the forwards applied,
+the backend, its layout), so the engine needs no backend's syntax: it
+hands the recorded forwards to the backend as `previous` (or None: find by
+tag, when the record is pending, refused, or of another layout), and asks
+the backend to render them when it compares with a listing (sync, status,
+repair). Fast path vs slow path and the retry of the latter live in
+firewall/base.py (Backend.apply/remove); what remains per backend is its
+syntax, its batches and its teardown.
 """
 
 from __future__ import annotations
@@ -204,8 +214,7 @@ class Engine:
             return True
         bname = rec.get("backend") or self.selected_backend()[0]
         backend = self.backend(bname)
-        previous = None if rec.get("pending") else self._usable(backend, key, rec, rendered=False)
-        backend.remove(key, previous)
+        backend.remove(key, self._previous(backend, key, rec))
         removed = state.forwards_of(rec)
         for f in removed:
             log.info(f"removed {f.describe()} ({reason})", **log.forward_fields(f, "remove", bname))
@@ -253,7 +262,7 @@ class Engine:
             log.warning(f"state directory was missing and the firewall could not be listed: {e}")
             return
         for key, rules in snap.guests.items():
-            state.write(self.paths, key, key, backend.name, [], sorted(rules), pending=True)
+            state.write(self.paths, key, key, backend.name, [], backend.layout, pending=True)
             log.warning(f"state was missing: recovered {len(rules)} tagged rule(s) of {key} from the firewall")
 
     def _distrust_state_dir(self) -> None:
@@ -301,29 +310,47 @@ class Engine:
         return rec
 
     @staticmethod
-    def _usable(backend, key: str, rec: dict, rendered: bool = True):
-        """The record's rules as `previous` for the backend, or None (find
-        them by tag) if they do not parse as this backend's, or (`rendered`)
-        are not what the record's own forwards render to (an older layout,
-        or edited). A removal skips rendering: deleting exactly the recorded
-        lines is right for any layout, and `stopped` stays cheap."""
-        rules = rec["rules"]
-        why = backend.check_record(key, rules)
-        if why is None and rendered:
-            forwards = state.forwards_of(rec)
-            if forwards:
-                try:
-                    want = backend.record_for(key, forwards)
-                except Exception as e:
-                    want, why = None, f"its forwards do not render: {e}"
-                if want is not None and sorted(want) != sorted(rules):
-                    log.info(f"record of {key} differs from what its forwards render to now "
-                             "(an older layout?): finding its rules by tag")
-                    return None
-        if why is None:
-            return rules
-        log.warning(f"record of {key} refused, finding its rules by tag instead: {why}")
-        return None
+    def _previous(backend, key: str, rec: dict, quiet: bool = False):
+        """The forwards the record says are installed, as `previous` for the
+        backend, or None: find the guest's rules by tag instead.
+
+        None when the record is pending, or was written for another layout.
+        A record of an older release (rendered rules, no layout) is used only
+        if its forwards still render to exactly its rules (then it is the
+        current layout, and converting it is writing it without them).
+        """
+        if rec.get("pending"):
+            return None
+        forwards = state.forwards_of(rec)
+        layout = rec.get("layout")
+        if layout is None:
+            try:
+                same = sorted(backend.render(key, forwards)) == sorted(rec.get("rules") or ())
+            except Exception:
+                same = False
+            if not same:
+                if not quiet:
+                    log.info(f"record of {key} (an older release's) differs from what its forwards render "
+                             "to now: finding its rules by tag")
+                return None
+        elif layout != backend.layout:
+            if not quiet:
+                log.info(f"record of {key} was written for layout {layout!r}, not {backend.layout!r}: "
+                         "finding its rules by tag")
+            return None
+        return forwards
+
+    def recorded_rules(self, key: str, rec) -> "set | None":
+        """What the record's forwards render to in its backend (the rules it
+        says are installed), or None if it says nothing usable."""
+        if rec is None:
+            return None
+        try:
+            backend = self.backend(rec.get("backend") or None)
+            forwards = self._previous(backend, key, dict(rec, pending=False), quiet=True)
+            return None if forwards is None else set(backend.render(key, forwards))
+        except Exception:
+            return None
 
     def _converge(self, key: str, domain: str, forwards: list, waiting: list, reason: str) -> None:
         self._recover_if_needed()
@@ -333,30 +360,27 @@ class Engine:
         if rec is not None and rec.get("backend") and rec["backend"] != name:
             # The host switched firewall backends: clear the old one first.
             old = self.backend(rec["backend"])
-            old.remove(key, None if rec.get("pending") else self._usable(old, key, rec, rendered=False))
+            old.remove(key, self._previous(old, key, rec))
             rec = None
+        backend = self.backend(name)
         previous = None
-        if rec is not None and not rec.get("pending"):
-            previous = self._usable(self.backend(name), key, rec)
-        elif rec is None and not state.exists(self.paths, key):
+        if rec is not None:
+            previous = self._previous(backend, key, rec)
+        elif not state.exists(self.paths, key):
             previous = []  # never installed by us: nothing to find
-        if not forwards and not previous and previous is not None:
+        if not forwards and previous == []:
             if rec is not None:
                 state.delete(self.paths, key)
             if waiting:
-                state.write(self.paths, key, domain, name, [], [], waiting=waiting)
+                state.write(self.paths, key, domain, name, [], backend.layout, waiting=waiting)
             state.clear_removal(self.paths, key)
             return
-        backend = self.backend(name)
-        state.write(self.paths, key, domain, name, old_forwards, (rec or {}).get("rules") or [], pending=True, waiting=waiting)
-        try:
-            rules = backend.apply(key, forwards, previous)
-        except Exception:
-            # The batch is atomic: the firewall holds the old set. Keep the
-            # record pending so the next run verifies by tag.
-            raise
+        # Pending until the batch is done: if it fails (atomic: the firewall
+        # holds the old set) or we are killed, the next run goes by tag.
+        state.write(self.paths, key, domain, name, old_forwards, backend.layout, pending=True, waiting=waiting)
+        backend.apply(key, forwards, previous)
         if forwards or waiting:
-            state.write(self.paths, key, domain, name, forwards, rules, waiting=waiting)
+            state.write(self.paths, key, domain, name, forwards, backend.layout, waiting=waiting)
         else:
             state.delete(self.paths, key)
         self._update_others(backend)
@@ -369,7 +393,7 @@ class Engine:
         if any(f.is_loopback for f in old ^ new) or any(f.is_loopback for f in forwards):
             self._update_localnet()
 
-    def _update_localnet(self, verify: bool = False) -> None:
+    def _update_localnet(self, verify: bool = False, records: "dict | None" = None) -> None:
         """route_localnet, guarded, on exactly the bridges that have a 127.x forward.
 
         `verify` (sync): check the guard in the firewall and put libvirt's
@@ -379,7 +403,9 @@ class Engine:
 
         need = set()
         bridges = set()
-        for rec in state.all_records(self.paths).values():
+        if records is None:
+            records = state.all_records(self.paths)
+        for rec in records.values():
             for f in state.forwards_of(rec):
                 bridges.add(f.bridge)
                 if f.is_loopback and f.family == 4:
@@ -471,29 +497,28 @@ class Engine:
                 have = set(state.forwards_of(rec))
                 drift = False
                 if rec is not None and snap is not None and rec.get("backend") == backend.name:
-                    drift = set(rec.get("rules") or ()) != snap.guests.get(key, set())
+                    # Installed as recorded? (A record of another layout, an
+                    # upgrade's, is replaced by tag.)
+                    prev = self._previous(backend, key, rec, quiet=True)
+                    drift = prev is None or set(backend.render(key, prev)) != snap.guests.get(key, set())
                 elif rec is None and snap is not None and snap.guests.get(key):
                     drift = True
-                if not drift and snap is not None and rec is not None and want == have and want:
-                    # Installed as recorded, but not as this version renders it
-                    # (a layout change on upgrade): replace by tag.
-                    rendered = backend.record_for(key, sorted(want))
-                    drift = rendered is not None and sorted(rendered) != sorted(rec.get("rules") or ())
                 pending = rec is not None and rec.get("pending")
                 if want == have and not drift and not pending and rec is not None and (rec.get("backend") == backend.name):
-                    if list(rec.get("waiting") or ()) != list(plan.waiting):
-                        state.write(self.paths, key, dom.name, backend.name, list(plan.forwards), rec.get("rules") or [], waiting=list(plan.waiting))
+                    if list(rec.get("waiting") or ()) != list(plan.waiting) or rec.get("layout") != backend.layout:
+                        # (also converts an older release's record: its rules matched)
+                        state.write(self.paths, key, dom.name, backend.name, list(plan.forwards), backend.layout, waiting=list(plan.waiting))
                     if key in marks:
                         state.clear_removal(self.paths, key)  # the firewall matches the plan
                     report.unchanged += 1
                     continue
                 if want == have == set() and rec is None and not drift:
                     if plan.waiting:
-                        state.write(self.paths, key, dom.name, backend.name, [], [], waiting=list(plan.waiting))
+                        state.write(self.paths, key, dom.name, backend.name, [], backend.layout, waiting=list(plan.waiting))
                     continue
                 if drift and rec is not None:
                     rec["pending"] = True  # distrust the record: find rules by tag
-                    state.write(self.paths, key, dom.name, rec.get("backend") or backend.name, list(have), rec.get("rules") or [], pending=True, waiting=list(plan.waiting))
+                    state.write(self.paths, key, dom.name, rec.get("backend") or backend.name, list(have), rec.get("layout") or "", pending=True, waiting=list(plan.waiting))
                 try:
                     self._converge(key, dom.name, list(plan.forwards), list(plan.waiting), "sync")
                     report.applied.append(dom.name)
@@ -515,10 +540,12 @@ class Engine:
                         state.mark_removal(self.paths, key, name)
                         conflicts = self.lease_conflicts(state.forwards_of(rec))
                         report.errors.append(f"{name}: removal failed, retried later: {e}" + "".join(f"; {c}" for c in conflicts))
-                if verify and not report.errors and not state.all_records(self.paths):
+                if verify and not report.errors and not state.any_record(self.paths):
                     self._drop_orphan_base(backend, report)
             if verify:
-                self._update_localnet(verify=True)
+                # The records read above, unless this sync changed some.
+                same = not (report.applied or report.removed or report.errors)
+                self._update_localnet(verify=True, records=records if same else None)
             self._update_others(backend)
         return report
 
@@ -571,7 +598,7 @@ class Engine:
             return f"firewall base: {snap.problems[0]}"
         for key, rec in records.items():
             if rec and rec.get("backend") == backend.name and not rec.get("pending"):
-                if set(rec.get("rules") or ()) - snap.guests.get(key, set()):
+                if (self.recorded_rules(key, rec) or set()) - snap.guests.get(key, set()):
                     return f"{rec.get('domain') or key}: recorded rules are missing from the firewall"
         return None
 
@@ -694,7 +721,7 @@ class Engine:
             desired = sorted(f.describe() for f in (plan.forwards if plan else ()))
             installed = sorted(f.describe() for f in state.forwards_of(rec))
             have_rules = snap.guests.get(key, set()) if snap else set()
-            rec_rules = set((rec or {}).get("rules") or ())
+            rec_rules = self.recorded_rules(key, rec) or set()
             drift = []
             if snap is not None and rec_rules != have_rules:
                 missing = len(rec_rules - have_rules)

@@ -30,10 +30,6 @@ class Plan:
         self.addresses = tuple(addresses)  # (mac, address, where it came from)
         self.pending = tuple(pending)  # (config.PortRule, family, why): not placed yet
 
-    @property
-    def complete(self) -> bool:
-        return not self.waiting
-
     def to_dict(self) -> dict:
         return {
             "domain": self.domain,

@@ -2,7 +2,13 @@
 
 Teardown works from this record, never from the current config or lease,
 so `stopped` removes exactly what `started` added even if the YAML changed
-or the lease vanished in between. The record is written *before* a change
+or the lease vanished in between. The record holds *inputs*: the forwards
+applied, the backend and its layout (what its rendering is called). The
+backend re-renders them on use, so no backend parses its own output back,
+and a record written for another layout is simply not used (rules are
+found by tag). Records of releases before this one also hold "rules" (the
+rendered strings): the engine uses such a record only if its forwards
+still render to exactly those strings. The record is written *before* a change
 (marked pending) and again after it: if vnethook is killed in between, the
 next run sees `pending` and lets the backend find the guest's rules by tag
 instead of trusting the record.
@@ -72,6 +78,9 @@ def _load(paths, key: str) -> "tuple[dict | None, str | None]":
     return data, None
 
 
+_PARSED = "\0forwards"  # a read record's forwards as Forward objects (never written)
+
+
 def _plain(v: object) -> bool:
     return isinstance(v, str) and not any(ord(c) < 32 or ord(c) == 127 for c in v)
 
@@ -80,9 +89,11 @@ def _shape(data: object, key: str) -> str | None:
     """The record's structure and every field that goes anywhere."""
     if not isinstance(data, dict):
         return "not a record"
-    rules, fwds, waiting = data.get("rules"), data.get("forwards", []), data.get("waiting", [])
+    rules, fwds, waiting = data.get("rules", []), data.get("forwards", []), data.get("waiting", [])
     if not isinstance(rules, list) or not all(_plain(r) for r in rules):
         return "rules: not a list of plain strings"
+    if not _plain(data.get("layout", "")):
+        return "layout: not a plain string"
     if data.get("key", key) != key:
         return f"key {data.get('key')!r} is not {key!r}"
     if not isinstance(data.get("domain", ""), str):
@@ -95,6 +106,7 @@ def _shape(data: object, key: str) -> str | None:
         return "waiting: not a list of plain strings"
     if not isinstance(fwds, list):
         return "forwards: not a list"
+    parsed = []
     for i, d in enumerate(fwds):
         try:
             f = Forward.from_record(d)
@@ -102,6 +114,8 @@ def _shape(data: object, key: str) -> str | None:
             return f"forwards[{i}]: {e}"
         if f.key != key:
             return f"forwards[{i}] belongs to {f.key}"
+        parsed.append(f)
+    data[_PARSED] = parsed  # forwards_of() need not check them again
     return None
 
 
@@ -129,7 +143,7 @@ def write(
     domain: str,
     backend: str,
     forwards: list,
-    rules: list,
+    layout: str,
     pending: bool = False,
     waiting: "list | None" = None,
 ) -> None:
@@ -143,7 +157,7 @@ def write(
         "backend": backend,
         "pending": pending,
         "forwards": [f.to_dict() for f in forwards],
-        "rules": list(rules),
+        "layout": layout,
         "waiting": list(waiting or ()),
         "updated": time.time(),
     }
@@ -183,6 +197,9 @@ def all_records(paths) -> dict:
 def forwards_of(record: dict | None) -> list:
     if not record:
         return []
+    parsed = record.get(_PARSED)
+    if parsed is not None:
+        return list(parsed)
     out = []
     for d in record.get("forwards") or ():
         try:

@@ -272,6 +272,21 @@ def test_remove_restores_byte_identical(net, backend, state):
     assert comparable(net, backend) == before
 
 
+def test_big_range_and_sources_go_by_the_record(net, backend, state):
+    """A 1000-port range and sourced forwards, changed and removed from the
+    recorded forwards (nftables checks each element's owner first: in
+    chunks, and by listing for the interval maps)."""
+    before = comparable(net, backend)
+    web = [fwd(hp=(31000, 31999), gp=(31000, 31999)), fwd(sources=["198.51.100.0/24", "203.0.113.7/32"]),
+           fwd(family=6, guest=A["g1_6"], hp=(8082, 8082), sources=["2001:db8:ff::/48"])]
+    r1 = apply(net, backend, state, web)
+    r2 = apply(net, backend, state, web[1:] + [fwd(hp=(32000, 32499), gp=(32000, 32499))])
+    assert r1["ok"] and r2["ok"]
+    assert snapshot(net, backend)["guests"] == {key(): sorted(r2["record"])}
+    net.drive("remove", backend, key(), state)
+    assert comparable(net, backend) == before
+
+
 def test_apply_idempotent(net, backend, state):
     net.server("g1", "g1", "80")
     fws = [fwd(), fwd(proto="udp", hp=(8053, 8053), gp=(53, 53))]

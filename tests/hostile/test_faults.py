@@ -275,8 +275,11 @@ def test_sync_drops_a_base_left_by_a_removal_killed_before_teardown(host):
     host.write_map({"web": "{address: 192.0.2.10, forward: [8080:80]}"})
     assert host.started("web", ["52:54:00:00:00:01"]).returncode == 0
     (key, rec), = host.records().items()
+    from vnethook import state as records
+    from vnethook.firewall import get_backend
+
     tool = "iptables-legacy" if host.backend == "iptables-legacy" else "iptables-nft"
-    for r in rec["rules"]:
+    for r in get_backend(host.backend).render(key, records.forwards_of(rec)):
         fam, table, _, spec = r.split(" ", 3)
         host.topo.exec("host", tool if fam == "4" else tool.replace("iptables", "ip6tables"), "-w", "-t", table,
                        "-D", *spec.replace('"', "").split(" "))

@@ -184,30 +184,34 @@ def _tamper(host, key, edit):
 
 
 def test_tampered_records_are_refused_and_sync_recovers(host):
-    """A record whose lines would inject into a restore batch, or name another
-    table or another guest's rule, is refused (said in the log) before any
-    batch; the rules are found by tag and nobody else's are touched."""
+    """A record whose fields would inject into a batch is refused (said in
+    the log) before any batch; one that claims another guest's forwards
+    renders to this guest's tagged rules only (nftables: its elements are
+    checked to be tagged as its own first). Either way the rules are found
+    by tag and nobody else's are touched."""
     baseline = host.foreign()
     host.write_map(_map())
     for g, m in MACS.items():
         assert host.started(g, [m]).returncode == 0
     reference = _no_dupes(host)
     keys = sorted(host.records())
-    others = host.records()[keys[1]]["rules"]
+    others = host.records()[keys[1]]["forwards"]
 
     def inject(data):
-        data["rules"] = [r + "\n-A FORWARD -j ACCEPT" if i == 0 else r for i, r in enumerate(data["rules"])]
-        data["rules"].append("4 filter -A FORWARD -j ACCEPT" if host.backend != "nftables"
-                             else "tcp *:1 -> 192.0.2.99:1\nflush ruleset")
+        data["forwards"][0]["guest_address"] = "192.0.2.10\n-A FORWARD -j ACCEPT"
 
     def foreign(data):
-        data["rules"] = [r.replace(" nat ", " mangle ", 1) for r in data["rules"]] + list(others)
+        data["forwards"] += [dict(f, domain=data["domain"]) for f in others]
 
-    for edit in (inject, foreign):
+    def layout(data):
+        data["layout"] = "a layout of another release"
+
+    for edit in (inject, foreign, layout):
         _tamper(host, keys[0], edit)
         host.write_map(_map(9000))
         p = host.started("g0", [MACS["g0"]])
-        assert p.returncode == 0 and b"by tag" in p.stderr, p.stderr
+        assert p.returncode == 0, p.stderr
+        assert edit is foreign or b"by tag" in p.stderr, p.stderr
         got = _no_dupes(host)
         assert not any(":8000" in l or "dport 8000" in l for l in got)
         assert any("9000" in l for l in got) and any("8001" in l for l in got)  # g1's rules untouched
@@ -268,3 +272,43 @@ def _keys(host):
     from vnethook.model import guest_key
 
     return [guest_key(g) for g in MACS]
+
+
+def test_an_older_releases_records_are_used_or_found_by_tag(host):
+    """Upgrade with guests running: records of the previous release hold the
+    rendered rules and no layout. One whose rules are what its forwards
+    render to now is used as is (no listing) and rewritten by sync without
+    them; one whose rules differ is found by tag. Either way nothing is
+    duplicated or left behind."""
+    from vnethook import state as records
+    from vnethook.firewall import get_backend
+
+    be = get_backend(host.backend)
+    baseline = host.foreign()
+    host.write_map(_map())
+    for g, m in MACS.items():
+        assert host.started(g, [m]).returncode == 0
+    reference = _no_dupes(host)
+    keys = sorted(host.records())
+
+    def old(rules=None):
+        def edit(data):
+            data.pop("layout")
+            data["rules"] = rules if rules is not None else be.render(data["key"], records.forwards_of(data))
+        return edit
+
+    _tamper(host, keys[0], old())
+    _tamper(host, keys[1], old(["4 nat -A VNETHOOK-DNAT -j ACCEPT"]))
+    p = host.cli("sync")
+    assert p.returncode == 0, p.stderr
+    assert _no_dupes(host) == reference
+    assert all("rules" not in r and r["layout"] == be.layout for r in host.records().values())
+    _tamper(host, keys[0], old())
+    _tamper(host, keys[1], old(["4 nat -A VNETHOOK-DNAT -j ACCEPT"]))
+    p = host.stopped("g0", [MACS["g0"]])
+    assert p.returncode == 0 and b"by tag" not in p.stderr, p.stderr
+    assert not any("8000" in l for l in _no_dupes(host)) and any("8001" in l for l in host.ours())
+    p = host.stopped("g1", [MACS["g1"]])
+    assert p.returncode == 0 and b"by tag" in p.stderr, p.stderr
+    assert host.ours() == [] and host.records() == {}
+    assert host.foreign() == baseline

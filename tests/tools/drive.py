@@ -7,8 +7,10 @@
   drive.py flush BACKEND STATE_DIR
   drive.py ensure-base BACKEND
 
-It plays the engine's part: keeps each guest's record (KEY.record.json) and
-forwards (KEY.forwards.json) in STATE_DIR, passes the record as `previous`,
+It plays the engine's part: keeps each guest's forwards and the backend's
+layout (KEY.forwards.json, KEY.layout.json: what the engine records) and
+what they rendered to (KEY.record.json) in STATE_DIR, passes the recorded
+forwards as `previous` (None if the layout changed, as the engine does),
 and keeps route_localnet and the loopback guard in step with all guests'
 loopback forwards (vnethook.firewall.localnet, as the engine does).
 Prints one JSON object: {"ok": bool, "record"|"snapshot"|"error": ..., "ms": float}
@@ -61,14 +63,25 @@ def _localnet(state_dir, verify=False):
         print(problem, file=sys.stderr)
 
 
-def _inject_bad():
+def _previous(state_dir, key, flags, backend):
+    """The forwards applied last time (what the engine's record holds), or
+    None, as the engine decides: also when they were applied in another
+    layout (then the rules are found by tag)."""
+    if "--no-previous" in flags or _read(os.path.join(state_dir, f"{key}.layout.json")) != backend.layout:
+        return None
+    data = _read(os.path.join(state_dir, f"{key}.forwards.json"))
+    return None if data is None else [Forward.from_dict(d) for d in data]
+
+
+def _inject_bad(target):
+    """Only into the rendering of `target` (the new forwards), not of `previous`."""
     from vnethook.firewall import iptables_rules as ir
 
     real = ir.render
 
     def render(forwards, *args):
         rules = real(forwards, *args)
-        if rules:
+        if rules and forwards is target:
             r = rules[0]
             rules.append(ir.Rule(r.family, "filter", ir.CHAIN_FWD, "VNETHOOK-NO-SUCH-CHAIN",
                                  comment=r.comment))
@@ -81,8 +94,6 @@ def main(argv):
     cmd, backend_name = argv[0], argv[1]
     flags = {a for a in argv if a.startswith("--")}
     pos = [a for a in argv if not a.startswith("--")]
-    if "--inject-bad" in flags:
-        _inject_bad()
     backend = get_backend(backend_name)
     if "--unmarked" in flags:
         backend.marked = False  # iptables-legacy as releases before the marked layout left it
@@ -92,23 +103,27 @@ def main(argv):
         if cmd == "apply":
             key, state_dir = pos[2], pos[3]
             fws = [Forward.from_dict(d) for d in json.load(sys.stdin)]
+            if "--inject-bad" in flags:
+                _inject_bad(fws)
             rec_path = os.path.join(state_dir, f"{key}.record.json")
-            previous = None if "--no-previous" in flags else _read(rec_path)
+            previous = _previous(state_dir, key, flags, backend)
             t0 = time.perf_counter()
             record = backend.apply(key, fws, previous)
             out["ms"] = (time.perf_counter() - t0) * 1000
             _write(rec_path, record)
+            _write(os.path.join(state_dir, f"{key}.layout.json"), backend.layout)
             _write(os.path.join(state_dir, f"{key}.forwards.json"), [f.to_dict() for f in fws])
             _localnet(state_dir)
             out["record"] = record
         elif cmd == "remove":
             key, state_dir = pos[2], pos[3]
             rec_path = os.path.join(state_dir, f"{key}.record.json")
-            previous = None if "--no-previous" in flags else _read(rec_path)
+            previous = _previous(state_dir, key, flags, backend)
             t0 = time.perf_counter()
             backend.remove(key, previous)
             out["ms"] = (time.perf_counter() - t0) * 1000
-            for p in (rec_path, os.path.join(state_dir, f"{key}.forwards.json")):
+            for p in (rec_path, os.path.join(state_dir, f"{key}.forwards.json"),
+                      os.path.join(state_dir, f"{key}.layout.json")):
                 if os.path.exists(p):
                     os.unlink(p)
             _localnet(state_dir)

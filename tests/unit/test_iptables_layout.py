@@ -228,8 +228,9 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
         save = lambda: subprocess.run(["iptables-nft-save"], capture_output=True, text=True).stdout + \\
             subprocess.run(["ip6tables-nft-save"], capture_output=True, text=True).stdout
         be = IptablesNftBackend()
-        recs = {d: be.apply(K(d), [fw(d, 4, 30000 + i), fw(d, 6, 30100 + i)], None)
-                for i, d in enumerate(["ga", "gb", "gc"])}
+        recs = {d: [fw(d, 4, 30000 + i), fw(d, 6, 30100 + i)] for i, d in enumerate(["ga", "gb", "gc"])}
+        for d, fws in recs.items():
+            be.apply(K(d), fws, None)
         out = {}
         be.remove(K("gb"), recs["gb"])
         text = save()

@@ -197,3 +197,32 @@ def well_formed(draw):
 @given(well_formed())
 def test_well_formed_variants_read_the_same(data):
     same(data)
+
+
+def test_status_files_read_the_same_without_their_qemucaps():
+    """parse_domain skips the inside of <qemuCaps> (most of a status file):
+    the same Domain, the same line numbers, and never where a comment,
+    CDATA or processing instruction could hide a tag."""
+    raw = _read(os.path.join(FIX, "run-qemu-web1.xml"))
+    cut = L._without_caps(raw)
+    assert len(cut) < len(raw) // 2 and cut.count(b"\n") == raw.count(b"\n")
+    whole = L._parsed(raw, "in.xml", L._domain_from, L._DOMAIN_TAGS)
+    assert L.parse_domain(raw, "in.xml") == whole
+    nameless = raw.replace(b"<name>web1</name>", b"", 1)
+    old = L.READER
+    try:
+        for reader in ("auto", "lxml"):
+            L.READER = reader
+            with pytest.raises(L.LibvirtDataError) as cut_err:
+                L.parse_domain(nameless, "in.xml")
+            with pytest.raises(L.LibvirtDataError) as whole_err:
+                L._parsed(nameless, "in.xml", L._domain_from, L._DOMAIN_TAGS)
+            assert str(cut_err.value) == str(whole_err.value)
+    finally:
+        L.READER = old
+    assert raw.startswith(b"<!--")  # libvirt's warning: before <qemuCaps>, it hides nothing
+    for hide in (b"<!-- x -->", b"<![CDATA[x]]>", b"<?pi x?>"):
+        odd = raw.replace(b"</domstatus>", b"<x>" + hide + b"</x></domstatus>")
+        assert L._without_caps(odd) == odd
+    fake = raw.replace(b"-->", b"<qemuCaps>-->", 1)  # a tag's text inside the comment
+    assert L.parse_domain(fake, "in.xml") == whole

@@ -1,8 +1,8 @@
 """Firewall backends. See base.py for the interface.
 
 Importing this package is cheap on purpose: the hook imports it on every
-event, and only the chosen backend's module (and its bindings: iptc,
-nftables) is loaded, by get_backend().
+event, and only the chosen backend's module (and, for nftables, its
+binding) is loaded, by get_backend().
 """
 
 from __future__ import annotations

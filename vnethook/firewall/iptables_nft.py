@@ -183,9 +183,6 @@ class IptablesNftBackend(Backend):
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
     # The tables are nf_tables: nfnetlink can count, list and delete in them.
     nf_tables = True
-    # Every change goes through one `*-restore` run per batch (steps echoed
-    # with -v, see run_tool); a subclass with another transport says False.
-    restore_steps = True
 
     def __init__(self) -> None:
         self._paths: Dict[str, str] = {}
@@ -246,32 +243,29 @@ class IptablesNftBackend(Backend):
 
     # --- Backend -----------------------------------------------------------
 
-    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
-        return ir.check_record(key, rules)
+    @property
+    def layout(self) -> str:  # type: ignore[override]
+        chains = "guest-chains" if self.per_guest_chains else "shared-chains"
+        return f"{chains},{'marked' if self.marked else 'accept'}"
 
-    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+        check_key(key, forwards)
         try:
             new = ir.render(forwards, self.marked)
         except ValueError as e:
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
         return [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
-        check_key(key, forwards)
-        record = self.record_for(key, forwards)
-        if not record:
-            self.remove(key, previous)
-            return []
-        if previous is not None:
-            try:
-                self._apply_fast(previous, record)
-                return record
-            except FirewallError:
-                pass  # the firewall no longer matches the record: list and replace
-        self._apply_slow(key, record)
-        return record
+    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
+        # Every line rendered from `previous` names this guest's tag or its
+        # own chains, so the batch can touch nothing else; a line the
+        # firewall does not hold fails it (and the slow path lists).
+        self._change(self.render(key, previous), self.render(key, forwards))
 
-    def _apply_fast(self, previous: Iterable[str], record: List[str]) -> None:
+    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
+        self._replace(key, self.render(key, forwards))
+
+    def _change(self, previous: Iterable[str], record: List[str]) -> None:
         """One batch per family from the record's diff; undone if it fails.
 
         A failed batch may have committed its earlier table sections (and an
@@ -425,7 +419,7 @@ class IptablesNftBackend(Backend):
         names = {p + h for p in ir.GUEST_CHAINS.values()}
         return [(t, c) for t, cs in st.guest_chains.items() for c in sorted(cs) if c in names]
 
-    def _apply_slow(self, key: str, record: List[str], revert: bool = True) -> None:
+    def _replace(self, key: str, record: List[str], revert: bool = True) -> None:
         """List, then replace the guest's tagged rules, family by family.
 
         Each table commits on its own, so when a later table (or family)
@@ -460,7 +454,7 @@ class IptablesNftBackend(Backend):
         except FirewallError:
             if revert:
                 try:
-                    self._apply_slow(key, before, revert=False)
+                    self._replace(key, before, revert=False)
                 except FirewallError:
                     pass
             raise
@@ -498,37 +492,28 @@ class IptablesNftBackend(Backend):
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
         return flushed
 
-    def remove(self, key: str, previous: Optional[List[str]]) -> None:
-        if previous == []:
-            return
-        families = set(ir.by_family(previous or []))
-        done = False
-        if previous:
+    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
+        for fam, old in sorted(ir.by_family(self.render(key, previous)).items()):
+            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
+            self._plan(sections, old, [])
+            self._remove_family(fam, sections, old, key)
+
+    def _remove_slow(self, key: str) -> None:
+        families = set()
+        for fam in ir.FAMILIES:
             try:
-                for fam, old in sorted(ir.by_family(previous).items()):
-                    sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-                    self._plan(sections, old, [])
-                    self._remove_family(fam, sections, old, key)
-                    families.discard(fam)
-                done = True
+                st = self._state(fam)
             except FirewallError:
-                pass
-        if not done:
-            families = set()
-            for fam in ir.FAMILIES:
-                try:
-                    st = self._state(fam)
-                except FirewallError:
-                    continue
-                old = st.guests.get(key, [])
-                existing = self._own_chains(st, key)
-                if old or st.present:
-                    # also a base left by a removal killed before its teardown
-                    families.add(fam)
-                if old or existing:
-                    sections = {}
-                    self._plan(sections, old, [], existing)
-                    self._restore(fam, self._batch(sections))
+                continue
+            old = st.guests.get(key, [])
+            existing = self._own_chains(st, key)
+            if old or st.present:
+                # also a base left by a removal killed before its teardown
+                families.add(fam)
+            if old or existing:
+                sections: Dict[str, List[str]] = {}
+                self._plan(sections, old, [], existing)
+                self._restore(fam, self._batch(sections))
         for fam in sorted(families):
             self._teardown_if_empty(fam)
 
@@ -604,6 +589,8 @@ class IptablesNftBackend(Backend):
         teardown that fails (and waits for an RCU grace period) whenever
         other guests remain.
         """
+        if not self.nf_tables:
+            return None
         from vnethook.firewall.nfnetlink import chain_use
 
         expect = ir.base_use(fam, self.marked)
@@ -632,10 +619,7 @@ class IptablesNftBackend(Backend):
         other guests still forwarding it changes nothing.
         """
         try:
-            if self.restore_steps:
-                self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
-            else:
-                self._restore(fam, self._teardown_batch(fam))
+            self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
         except FirewallError:
             pass
 

@@ -1,14 +1,14 @@
 """iptables rules as data, shared by the nft and legacy iptables flavours.
 
-Both flavours install the same rules; only the transport differs (a
-restore batch for iptables-nft, libiptc commits for legacy). Rendering
-once, as data, keeps them identical and lets each flavour print or build
-them its own way.
+Both flavours install the same rules, through their own restore tool.
+Rendering once, as data, keeps them identical.
 
 The text form of a rule is exactly what `iptables-save` prints back
 (`-d 192.0.2.10/32`, quoted comments, `--dport 30000:30009`). That is the
-canonical form stored in records and reported by snapshots, so a record
-and a listing of the firewall compare equal as plain string sets.
+canonical form rendered from a guest's forwards and reported by snapshots,
+so what a record's forwards render to and a listing of the firewall
+compare equal as plain string sets. Records hold forwards, never these
+strings: nothing here ever parses a rule back.
 
 A canonical rule string is "<family> <table> -A <chain> <spec>", e.g.
 `4 nat -A VNETHOOK-D-0123456789 -d 198.51.100.1/32 -p tcp -m tcp --dport 8080 ...`.
@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 from vnethook.firewall.base import TAG
 from vnethook.model import Forward, Value, factory
 
-# re and ipaddress are imported where needed: `stopped` only diffs record
-# strings and never pays for them.
+# re and ipaddress are imported where needed: `stopped` only renders and
+# diffs rule strings and never pays for them.
 
 CHAIN_DNAT = "VNETHOOK-DNAT"
 CHAIN_SNAT = "VNETHOOK-SNAT"
@@ -147,13 +147,49 @@ def key_of(spec: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _host(addr: str, family: int) -> str:
+def _packed(addr: str, family: int) -> Optional[bytes]:
+    """The address's bytes if `addr` is already in ipaddress' compressed form.
+
+    Why: rendering runs on `stopped` too (records hold forwards), and
+    importing ipaddress (functools with it) costs as much as the rest of
+    that event. inet_ntop(inet_pton(text)) == text says the text is
+    canonical, except for embedded IPv4 in IPv6, where the two printers
+    differ: ipaddress decides those (None).
+    """
+    import _socket
+
+    if family == 6 and "." in addr:
+        return None
+    af = _socket.AF_INET if family == 4 else _socket.AF_INET6
+    try:
+        packed = _socket.inet_pton(af, addr)
+        return packed if _socket.inet_ntop(af, packed) == addr else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _addr(addr: str, family: int) -> str:
+    """`addr` as ipaddress prints it (compressed)."""
+    if _packed(addr, family) is not None:
+        return addr
     import ipaddress
 
-    return f"{ipaddress.ip_address(addr).compressed}/{32 if family == 4 else 128}"
+    return ipaddress.ip_address(addr).compressed
+
+
+def _host(addr: str, family: int) -> str:
+    return f"{_addr(addr, family)}/{32 if family == 4 else 128}"
 
 
 def _net(cidr: str) -> str:
+    """`cidr` as ipaddress.ip_network(strict=False) prints it."""
+    addr, _, plen = cidr.partition("/")
+    family = 6 if ":" in addr else 4
+    bits = 32 if family == 4 else 128
+    packed = _packed(addr, family)
+    if packed is not None and plen.isdigit() and str(int(plen)) == plen and int(plen) <= bits:
+        if int.from_bytes(packed, "big") & ((1 << (bits - int(plen))) - 1) == 0:
+            return cidr
     import ipaddress
 
     return ipaddress.ip_network(cidr, strict=False).compressed
@@ -164,9 +200,7 @@ def _ports(lo: int, hi: int, sep: str = ":") -> str:
 
 
 def _to_destination(fw: Forward) -> str:
-    import ipaddress
-
-    addr = ipaddress.ip_address(fw.guest_address).compressed
+    addr = _addr(fw.guest_address, fw.family)
     if fw.family == 6:
         addr = f"[{addr}]"
     glo, ghi = fw.guest_ports
@@ -345,122 +379,6 @@ def base_use(family: int, marked: bool = False) -> Dict[Tuple[str, str], int]:
             if (table, r.target) in use:
                 use[(table, r.target)] += 1
     return use
-
-
-def parse_rule(canonical: str) -> Rule:
-    """A canonical rule string back into its Rule, strictly (ValueError otherwise).
-
-    Only the grammar Rule.spec prints is accepted, in its order, and the
-    result must print back byte-identical: a record line that passes can
-    only say what vnethook itself would have rendered.
-    """
-    if not canonical.isprintable():
-        raise ValueError("control characters")
-    family_s, table, chain, spec = split_canonical(canonical)
-    family = int(family_s)
-    if family not in FAMILIES or table not in TABLES or not chain.startswith("VNETHOOK-") \
-            and chain not in ("PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD"):
-        raise ValueError(f"family/table/chain {family} {table} {chain}")
-    tok = spec.split(" ")
-    f: Dict[str, object] = {}
-
-    def take(*words: str) -> bool:
-        if tok[:len(words)] == list(words):
-            del tok[:len(words)]
-            return True
-        return False
-
-    def value() -> str:
-        if not tok or not tok[0]:
-            raise ValueError(f"missing value in {canonical!r}")
-        return tok.pop(0)
-
-    if take("-s"):
-        f["src"] = value()
-    if take("!", "-d"):
-        f["dst"], f["dst_negated"] = value(), True
-    elif take("-d"):
-        f["dst"] = value()
-    if take("-p"):
-        f["protocol"] = value()
-        if take("-m", str(f["protocol"]), "--dport"):
-            f["dport"] = value()
-    if take("-m", "addrtype", "--dst-type", "LOCAL"):
-        f["addrtype_local"] = True
-    if take("-m", "conntrack", "--ctstate"):
-        f["ctstate"] = value()
-    if take("-m", "connmark", "--mark", f"{CT_BIT}/{CT_BIT}"):
-        f["ctmark"] = True
-    if take("-m", "comment", "--comment"):
-        c = value()
-        if not (len(c) > 2 and c[0] == c[-1] == '"'):
-            raise ValueError(f"comment in {canonical!r}")
-        f["comment"] = c[1:-1]
-    if not take("-j"):
-        raise ValueError(f"unexpected {' '.join(tok[:3])!r} in {canonical!r}")
-    f["target"] = value()
-    if take("--to-destination"):
-        f["to_destination"] = value()
-    if take("--set-xmark"):
-        f["set_xmark"] = value()
-    if tok:
-        raise ValueError(f"trailing {' '.join(tok[:3])!r} in {canonical!r}")
-    rule = Rule(family, table, chain, **f)
-    if rule.canonical != canonical:
-        raise ValueError(f"non-canonical rule {canonical!r}")
-    return rule
-
-
-_TARGETS = frozenset(("DNAT", "ACCEPT", "MASQUERADE", "SNAT", "RETURN", "CONNMARK"))
-
-
-def check_record(key: str, rules: Iterable[str]) -> Optional[str]:
-    """Why a record's rules may not go into a batch for `key`, or None.
-
-    Every line must parse strictly (parse_rule), carry this guest's tag (or
-    be a subnet's shared hairpin rule), sit in one of vnethook's chains or
-    this guest's own, and have values of the right kind: a tampered record
-    can then neither inject a batch line nor touch another guest's rules.
-    """
-    from vnethook.model import _check_addr, _check_net
-
-    own = {guest_chain(c, key) for c in GUEST_CHAINS}
-    shared = set(OUR_CHAINS_MARKED["nat"]) | set(OUR_CHAINS_MARKED["filter"]) | set(OUR_CHAINS["nat"])
-    tag = f"{TAG}:{key}"
-    for line in rules:
-        try:
-            r = parse_rule(line)
-            if r.comment not in (None, tag, f"{TAG}:{SHARED_KEY}"):
-                raise ValueError(f"tag {r.comment!r}")
-            if r.chain not in own | shared:
-                raise ValueError(f"chain {r.chain} is not this guest's")
-            if r.chain in shared and r.comment is None:
-                raise ValueError("an untagged rule in a shared chain")
-            if r.target not in _TARGETS and r.target not in own:
-                raise ValueError(f"target {r.target}")
-            if (r.target == "DNAT") != (r.to_destination is not None) or \
-                    (r.table == "filter") != (r.target == "ACCEPT" or r.target[:11] == GUEST_CHAINS[CHAIN_FWD]):
-                raise ValueError(f"target {r.target} in {r.table}")
-            if r.target in ("ACCEPT", "DNAT") and not (r.dst and r.dport and (r.target == "DNAT" or r.ctstate)):
-                raise ValueError(f"{r.target} without a destination, a port or a DNAT state")
-            for net in (r.src, r.dst):
-                if net is not None:
-                    _check_net(net)
-            if r.protocol not in (None, "tcp", "udp", "sctp"):
-                raise ValueError(f"protocol {r.protocol}")
-            if r.dport is not None and not all(p.isdigit() and 0 < int(p) < 65536 for p in r.dport.split(":")):
-                raise ValueError(f"port {r.dport}")
-            if r.to_destination is not None:
-                host, _, port = r.to_destination.rpartition(":")
-                _check_addr(host[1:-1] if r.family == 6 else host, r.family)
-                port = port.replace("/", "-")  # lo-hi/base: a range shifted by offset
-                if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split("-")):
-                    raise ValueError(f"destination {r.to_destination}")
-            if r.ctstate not in (None, "DNAT") or r.set_xmark is not None:
-                raise ValueError("not a guest rule")
-        except ValueError as e:
-            return f"{line!r}: {e}"
-    return None
 
 
 def is_shared(canonical: str) -> bool:

@@ -51,8 +51,15 @@ Why this shape:
 - When the last guest goes, everything goes (table and libvirt accepts),
   so a host without forwards carries nothing of ours. "Last" is known
   without listing the maps: set ``guests`` holds one marker element per
-  guest that has forwards (an IPv6-typed 128-bit hash of the key, with the
-  key as comment), and listing it is cheap.
+  guest that has forwards (an IPv6-typed 128-bit hash of the key and of
+  its elements, with the key as comment), and listing it is cheap.
+- The record holds forwards, not elements, and ``delete element`` names
+  only an element's key, whoever's comment it carries. A change or removal
+  from the record therefore deletes the guest's marker for exactly the
+  elements the record renders to, in the same transaction: it exists only
+  if those are what this guest's last change installed, so a record that
+  names another guest's element fails the batch, and the slow path finds
+  the guest's elements by their comment instead.
 
 The ``nftables`` binding is imported lazily: the hook's fast paths never
 pay for it unless this backend is in use.
@@ -67,7 +74,6 @@ if TYPE_CHECKING:
 
 import ipaddress
 import json
-import re
 
 from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
 from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
@@ -191,6 +197,12 @@ class FwdElem(Value):
     def data_json(self) -> dict:
         return {"concat": [self.guest, self.guest_port]}
 
+    def key_text(self) -> str:
+        """The element's key in nft's text syntax (for `get element`; every
+        part is a normalised address, a prefix, a known protocol or a number)."""
+        parts = [p for p in (self.host, self.source) if p is not None]
+        return " . ".join(parts + [self.protocol, str(self.host_port)])
+
 
 Elem = FwdElem
 
@@ -217,7 +229,7 @@ def _net(text: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Pure rendering: forwards -> elements -> JSON commands; record <-> elements.
+# Pure rendering: forwards -> elements -> JSON commands (one function for add and delete).
 
 
 def render_elements(forwards: Sequence[Forward]) -> Dict[str, Elem]:
@@ -268,48 +280,24 @@ def _forward_elements(f: Forward) -> List[Elem]:
     return out
 
 
-_FWD_RE = re.compile(
-    r"^(?P<proto>[a-z]+) (?P<host>\*|\[\*\]|\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<hport>\d+)"
-    r"(?: from (?P<src>\S+))? -> (?P<guest>\[[0-9a-fA-F:.]+\]|[0-9.]+):(?P<gport>\d+)$"
-)
+def guest_marker(key: str, elements: Iterable[str] = ()) -> str:
+    """The guest's element in set `guests`: 128 bits of a hash of its key
+    and its elements' canonical strings, typed as IPv6.
+
+    Why the elements: `delete element` names only an element's key,
+    whoever's comment it carries, and a record holds forwards, which could
+    name another guest's port. A removal deletes this marker in the same
+    transaction as the elements; the marker exists only if those elements
+    are exactly what this guest's last change installed, so a record that
+    says otherwise fails the whole batch (and the rules are found by tag).
+    (Releases before this one used the key alone: their markers go by tag.)
+    """
+    data = key.encode("utf-8") + b"".join(b"\n" + e.encode("utf-8") for e in sorted(elements))
+    return str(ipaddress.IPv6Address(_sha256(data).digest()[:16]))
 
 
-def parse_canonical(text: str) -> Elem:
-    """Turn a record line back into the element it names (ValueError if not ours)."""
-    m = _FWD_RE.match(text)
-    if not m:
-        raise ValueError(f"not a vnethook nftables record line: {text!r}")
-    host_s, guest_s = m["host"], m["guest"]
-    family = 6 if guest_s.startswith("[") else 4
-    if host_s in ("*", "[*]"):
-        host = None
-        if (host_s == "[*]") != (family == 6):
-            raise ValueError(f"mixed families in {text!r}")
-    else:
-        host = _addr(host_s.strip("[]"))
-    if m["proto"] not in PROTOCOLS:
-        raise ValueError(f"unknown protocol in {text!r}")
-    e = FwdElem(
-        family,
-        m["proto"],
-        host,
-        int(m["hport"]),
-        _net(m["src"]) if m["src"] else None,
-        _addr(guest_s.strip("[]")),
-        int(m["gport"]),
-    )
-    if e.canonical() != text:
-        raise ValueError(f"non-canonical record line: {text!r}")
-    return e
-
-
-def guest_marker(key: str) -> str:
-    """The guest's element in set `guests`: 128 bits of hash, typed as IPv6."""
-    return str(ipaddress.IPv6Address(_sha256(key.encode("utf-8")).digest()[:16]))
-
-
-def marker_command(op: str, key: str) -> dict:
-    val: Any = guest_marker(key)
+def marker_command(op: str, key: str, elements: Iterable[str] = (), value: Optional[str] = None) -> dict:
+    val: Any = value or guest_marker(key, elements)
     if op == "add":
         val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
     return {op: {"element": {"family": FAMILY, "table": TABLE, "name": GUESTS_SET, "elem": [val]}}}
@@ -576,18 +564,24 @@ def parse_listed_element(set_name: str, entry: Any) -> Tuple[Elem, Optional[str]
     return e, key
 
 
-def _marker_owners(listing: Sequence[dict]) -> List[str]:
-    """Guest keys named by the elements of set `guests` in a table listing."""
+def _markers(listing: Sequence[dict]) -> List[Tuple[str, str]]:
+    """(guest key, value) of the elements of set `guests` in a table listing."""
     out = []
     for o in listing:
         s = o.get("set")
         if not s or s.get("name") != GUESTS_SET or s.get("table") != TABLE or s.get("family") != FAMILY:
             continue
         for entry in s.get("elem") or ():
-            c = entry.get("elem", {}).get("comment") if isinstance(entry, dict) else None
-            if isinstance(c, str) and c.startswith(COMMENT_PREFIX):
-                out.append(c[len(COMMENT_PREFIX) :])
+            e = entry.get("elem", {}) if isinstance(entry, dict) else {}
+            c, v = e.get("comment"), e.get("val")
+            if isinstance(c, str) and c.startswith(COMMENT_PREFIX) and isinstance(v, str):
+                out.append((c[len(COMMENT_PREFIX) :], v))
     return out
+
+
+def _marker_owners(listing: Sequence[dict]) -> List[str]:
+    """Guest keys named by the elements of set `guests` in a table listing."""
+    return [k for k, _v in _markers(listing)]
 
 
 def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
@@ -613,6 +607,7 @@ class NftablesBackend(Backend):
 
     def __init__(self) -> None:
         self._ctx = None
+        self._rendered: Optional[Tuple[Tuple[Forward, ...], Dict[str, Elem]]] = None
 
     # -- libnftables plumbing
 
@@ -628,6 +623,9 @@ class NftablesBackend(Backend):
             ctx = nftables.Nftables()
             ctx.set_handle_output(True)
             self._ctx = ctx
+            # Closed by a detached child after we exit (nfnetlink.hold_past_exit):
+            # with many guests, closing it ourselves waits for the deleted
+            # elements' RCU grace period (README, Performance: measured).
             _hold_socket_past_exit(ctx)
         return self._ctx
 
@@ -680,15 +678,15 @@ class NftablesBackend(Backend):
 
     def _guest_elements(
         self, key: str, want: Optional[Dict[str, Elem]] = None
-    ) -> Tuple[Dict[str, Elem], bool, List[str]]:
-        """Slow path: the key's elements as found in our table, whether its
-        marker is there, and which wanted elements another owner already holds.
+    ) -> Tuple[Dict[str, Elem], List[str], List[str]]:
+        """Slow path: the key's elements as found in our table, the values of
+        its markers, and which wanted elements another owner already holds.
         """
         listing = self._list_table()
         found: Dict[str, Elem] = {}
         if listing is None:
-            return found, False, []
-        marker = key in _marker_owners(listing)
+            return found, [], []
+        marker = [v for k, v in _markers(listing) if k == key]
         wanted_keys = {(e.set_name, json.dumps(e.key_json())): t for t, e in (want or {}).items()}
         clashes: List[str] = []
         for set_name, entry in _set_items(listing):
@@ -704,78 +702,78 @@ class NftablesBackend(Backend):
 
     # -- Backend interface
 
-    def check_record(self, key: str, rules: List[str]) -> Optional[str]:
-        for line in rules:
-            try:
-                parse_canonical(line)
-            except ValueError as e:
-                return str(e)
-        return None
+    layout = "maps"
 
-    def record_for(self, key: str, forwards: Sequence[Forward]) -> List[str]:
-        return sorted(render_elements(forwards))
+    def _elements(self, forwards: Sequence[Forward]) -> Dict[str, Elem]:
+        """render_elements(), remembered for the last forwards: apply()
+        renders once for the record and once for the batch (a 1000-port
+        range is 1000 elements)."""
+        tf = tuple(forwards)
+        if self._rendered is None or self._rendered[0] != tf:
+            self._rendered = (tf, render_elements(tf))
+        return self._rendered[1]
 
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[List[str]]) -> List[str]:
-        want = render_elements(forwards)
-        if not want:
-            self.remove(key, previous)
-            return []
-        record = sorted(want)
-        adds = element_commands("add", want.values(), key) + [marker_command("add", key)]
-        if previous is not None:
-            try:
-                prev = {t: parse_canonical(t) for t in previous}
-            except ValueError:
-                prev = None
-            if prev is not None:
-                fixes, _problems = self._libvirt_fixes()
-                gone = [e for t, e in prev.items() if t not in want]
-                # Re-adding what is already there is a no-op for identical
-                # elements, and restores them if someone flushed our table.
-                cmds = base_commands() + fixes + element_commands("delete", gone) + adds
-                if self._write(cmds) is None:
-                    return record
-        err = None
-        for _attempt in range(2):  # the second try re-lists after a race with libvirt
-            found, _marker, clashes = self._guest_elements(key, want)
-            if clashes:
-                raise FirewallError(
-                    f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
-                    + "; ".join(clashes[:5])
-                    + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
-                )
-            fixes, _problems = self._libvirt_fixes()
-            gone = [e for t, e in found.items() if t not in want]
-            cmds = base_commands() + fixes + element_commands("delete", gone) + adds
-            err = self._write(cmds)
-            if err is None:
-                return record
-        raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+        return sorted(self._elements(forwards))
 
-    def remove(self, key: str, previous: Optional[List[str]]) -> None:
-        if previous == []:
-            return  # nothing was installed (apply() adds no marker without forwards)
-        if previous is not None:
-            try:
-                prev = [parse_canonical(t) for t in previous]
-            except ValueError:
-                prev = None
-            if prev is not None:
-                cmds = element_commands("delete", prev) + [marker_command("delete", key)]
-                if self._transaction(cmds) is None:
-                    self._teardown_if_empty()
-                    return
-        err = None
-        for _attempt in range(2):
-            found, marker, _clashes = self._guest_elements(key)
-            cmds = element_commands("delete", found.values())
-            if marker:
-                cmds.append(marker_command("delete", key))
-            err = self._transaction(cmds)
-            if err is None:
-                self._teardown_if_empty()
-                return
-        raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+    def _previous(self, key: str, previous: Sequence[Forward]) -> Dict[str, Elem]:
+        """The elements `previous` renders to (FirewallError: go by tag)."""
+        if any(f.key != key for f in previous):
+            raise FirewallError(f"nftables: the recorded forwards are not all {key}'s")
+        return render_elements(previous)
+
+    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
+        want = self._elements(forwards)
+        prev = self._previous(key, previous)
+        gone = [e for t, e in prev.items() if t not in want]
+        fixes, _problems = self._libvirt_fixes()
+        # Re-adding what is already there is a no-op for identical
+        # elements, and restores them if someone flushed our table. The old
+        # marker's delete fails the batch unless `previous` is what is
+        # installed as this guest's (guest_marker).
+        # (`previous` empty: nothing installed, so no marker to delete.)
+        old_marker = [marker_command("delete", key, prev)] if prev else []
+        err = self._write(base_commands() + fixes + element_commands("delete", gone)
+                          + old_marker + self._adds(key, want))
+        if err is not None:
+            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+
+    @staticmethod
+    def _adds(key: str, want: Dict[str, Elem]) -> List[dict]:
+        return element_commands("add", want.values(), key) + [marker_command("add", key, want)]
+
+    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
+        want = self._elements(forwards)
+        found, markers, clashes = self._guest_elements(key, want)
+        if clashes:
+            raise FirewallError(
+                f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
+                + "; ".join(clashes[:5])
+                + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+            )
+        fixes, _problems = self._libvirt_fixes()
+        gone = [e for t, e in found.items() if t not in want]
+        cmds = base_commands() + fixes + element_commands("delete", gone)
+        cmds += [marker_command("delete", key, value=v) for v in markers]
+        err = self._write(cmds + self._adds(key, want))
+        if err is not None:
+            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+
+    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
+        prev = self._previous(key, previous)
+        err = self._transaction(element_commands("delete", prev.values()) + [marker_command("delete", key, prev)])
+        if err is not None:
+            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+        self._teardown_if_empty()
+
+    def _remove_slow(self, key: str) -> None:
+        found, markers, _clashes = self._guest_elements(key)
+        cmds = element_commands("delete", found.values())
+        cmds += [marker_command("delete", key, value=v) for v in markers]
+        err = self._transaction(cmds)
+        if err is not None:
+            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
+        self._teardown_if_empty()
 
     def _list_guests_set(self) -> Optional[str]:
         """Set `guests` in nft's text form (cheap), or None if it is missing."""
