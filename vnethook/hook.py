@@ -191,11 +191,3 @@ def run_and_exit(kind: str) -> None:
     rc = main(kind)
     _leave()
     os._exit(rc if isinstance(rc, int) else 1)
-
-
-def qemu_main() -> None:
-    sys.exit(main("qemu"))
-
-
-def network_main() -> None:
-    sys.exit(main("network"))
