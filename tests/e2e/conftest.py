@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import guest_image  # noqa: E402
 from sandbox import Sandbox, missing_requirements  # noqa: E402
 
 # libvirt's firewall_backend, and for iptables which iptables the host runs
@@ -84,3 +85,13 @@ def sandbox(make_sandbox, firewall_backend):
         distro, backend = firewall_backend.split("-")
         return make_sandbox(backend, distro=distro)
     return make_sandbox(firewall_backend)
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The real guest (guest_image.py), built once; skipped, saying why,
+    where its Debian packages cannot be had."""
+    try:
+        return guest_image.ensure()
+    except guest_image.GuestUnavailable as e:
+        pytest.skip(f"the guest's Debian packages cannot be obtained: {e}")

@@ -27,7 +27,6 @@ import time
 
 import pytest
 
-import guest_image
 from sandbox import PYTHON, TOOLS, Sandbox, mac_for
 from vnethook_env import VnethookEnv, without_new_empty_base_chains
 
@@ -36,14 +35,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.distros("debian12-iptables", "debian1
 HOST_EXT = "198.51.100.1"
 LEASEPROBE = os.path.join(TOOLS, "leaseprobe.py")
 LATENCY_LIMIT = 1.0
-
-
-@pytest.fixture(scope="module")
-def image():
-    try:
-        return guest_image.ensure()
-    except guest_image.GuestUnavailable as e:
-        pytest.skip(f"the guest's Debian packages cannot be obtained: {e}")
 
 
 def _accel() -> str:
