@@ -71,6 +71,7 @@ def test_save_restore_and_managedsave_keep_the_port(sb: Sandbox, tmp_path, decla
         assert "sguest" not in sb.virsh("list", "--name").split()
         assert not ext.connect_tcp(HOST_EXT, 8080, timeout=1).ok, f"port open while {how}d"
         assert vh.records() == [], how
+        assert vh.status_json()["guests"] == [], how  # status agrees: nothing forwarded
         assert not [r for r in vh.our_rules() if "192.0.2." in r], how
         if how == "save":
             sb.virsh("restore", saved)
