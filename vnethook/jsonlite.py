@@ -31,8 +31,10 @@ class _Context:
         return {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}[name]
 
 
-_scan = _json.make_scanner(_Context()) if _json is not None else None
-_encode = (_json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",", True, False, True)
+# The C types take duck-typed arguments that typeshed spells as the Python classes.
+_scan = _json.make_scanner(_Context()) if _json is not None else None  # type: ignore[arg-type]
+_encode = (_json.make_encoder(None, None, _json.encode_basestring_ascii, None,  # type: ignore[arg-type]
+                              ":", ",", True, False, True)
            if _json is not None else None)
 
 
