@@ -123,9 +123,9 @@ def _to_bytes(data: object, source: str) -> bytes:
     return data
 
 
-# lxml costs ~17 ms to import: most of a hook run. For the plain documents
-# libvirt writes, the hook reads them with pyexpat (already in the stdlib,
-# ~1 ms) into the few light elements below, which answer the same find /
+# Importing lxml costs more than the rest of a hook run. For the plain documents
+# libvirt writes, the hook reads them with pyexpat (a builtin, nearly free
+# to import) into the few light elements below, which answer the same find /
 # findall / get / text / tag questions as lxml's. Anything unusual (a DOCTYPE
 # or entity declaration, a parse error, deep nesting, long names, a large
 # document) or any error found while reading the result makes the reader
