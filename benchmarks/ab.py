@@ -41,6 +41,7 @@ def _retarget(path: str, other: str) -> str:
     out = path + "-A"
     with open(out, "w") as f:
         f.write(text.replace(repr(bench.REPO), repr(os.path.abspath(other))))
+    os.chmod(out, os.stat(path).st_mode & 0o777)
     return out
 
 
@@ -61,7 +62,7 @@ class Inner(bench.Inner):
 
     def run_hook(self, v: str, name: str, mac: str, op: str) -> float:
         sub = "end" if op in ("stopped", "release") else "begin"
-        return bench.timed([bench.PY, self.hooks[v], name, op, sub, "-"], self.envs[v],
+        return bench.timed([self.hooks[v], name, op, sub, "-"], self.envs[v],
                            self.tree.domain_xml(name, mac).encode())
 
     def serve(self) -> None:

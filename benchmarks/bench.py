@@ -123,6 +123,8 @@ class Tree:
 
         with open(self.hook, "w") as f:
             f.write(hook_text("qemu"))
+        # libvirt executes the hook file itself: its #! line (with -S) counts.
+        os.chmod(self.hook, 0o755)
         with open(self.cli, "w") as f:
             f.write(f"#!{PY}\nimport sys\nsys.path.insert(0, {REPO!r})\n"
                     "from vnethook.cli import main\nsys.exit(main())\n")
@@ -215,7 +217,7 @@ class Inner:
 
     def hook(self, name: str, mac: str, op: str, check: bool = True) -> float:
         sub = "end" if op in ("stopped", "release") else "begin"
-        return timed([PY, self.tree.hook, name, op, sub, "-"], self.env,
+        return timed([self.tree.hook, name, op, sub, "-"], self.env,
                      self.tree.domain_xml(name, mac).encode(), check)
 
     def cli(self, *args: str) -> float:
