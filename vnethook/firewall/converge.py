@@ -111,10 +111,11 @@ class Backend(Driver):
             self.commit(units)
         except CommitError as e:
             undo = [Unit(u.scope, u.part, u.undo) for u in reversed(e.done) if u.undo]
-            try:
-                self.commit(undo)
-            except FirewallError:
-                pass  # the slow path that follows lists and converges anyway
+            for scope in dict.fromkeys(u.scope for u in undo):  # each on its own
+                try:
+                    self.commit([u for u in undo if u.scope == scope])
+                except FirewallError:
+                    pass  # the slow path that follows lists and converges anyway
             raise
 
     def _remove(self, key: str, old: Dict[str, Any], owned: Optional[Owned], units: List[Unit]) -> None:

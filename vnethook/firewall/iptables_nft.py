@@ -9,11 +9,11 @@ Every change is one `iptables-nft-restore --noflush -w` run per family,
 fed on stdin. Never one process per rule: a 1000-rule change costs the same
 single process as a 1-rule change. iptables-nft-restore commits each table
 section (`*nat` ... `COMMIT`) as its own nf_tables transaction, so a change
-is atomic per table: a table section is this driver's unit (converge.py
-puts back the tables already committed when a later one fails, and its
-slow path lists and replaces). So a guest ends with its
-old rules or its new ones; only a process killed between two commits can
-leave nat from one and filter from the other, which the next apply fixes.
+is atomic per table: a table section is this driver's unit of commit
+(converge.py puts back the tables already committed when a later one
+fails, and its slow path lists and replaces). So a guest ends with its old
+rules or its new ones; only a process killed between two commits can leave
+nat from one and filter from the other, which the next apply fixes.
 The nat section carries only DNAT/masquerade, the filter section only
 accepts of DNATed connections, so such a mix is never a wider opening.
 
