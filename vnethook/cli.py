@@ -124,10 +124,12 @@ def _check(args) -> int:
 
 
 def _load(paths):
-    from vnethook.config import ConfigError, load_config
+    # The compiled cache when no file of the map changed (sync runs from a
+    # timer and from every lease the watcher sees; 1000 guests are a lot of YAML).
+    from vnethook.config import ConfigError, load_config_cached
 
     try:
-        config = load_config(paths)
+        config = load_config_cached(paths)
     except ConfigError as e:
         sys.stderr.write(f"{e}\nvnethook: the port map is invalid; nothing was changed\n")
         return None

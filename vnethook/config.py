@@ -26,6 +26,10 @@ import sys
 
 from vnethook.model import Value
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 MAX_FILE_SIZE = 1 << 20  # 1 MiB
 MAX_DEPTH = 1000  # YAML nesting; a port map needs 6
 CACHE_FORMAT = 1
@@ -35,11 +39,10 @@ SETTING_CHOICES = {
     "on_error": ("warn", "block"),
     "lease_watch": ("auto", "systemd", "waiter", "off"),
 }
-TOP_KEYS = ("settings", "guests")
-GUEST_KEYS = ("address", "interface", "allow_outside_network", "forward")
-FORWARD_KEYS = ("host_port", "guest_port", "protocol", "host_address", "source")
 SHORT_FORM = "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL], e.g. 8080:80"
 _PORT_EXPECT = "expected a number 1-65535 or a range like 30000-30009"
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
 _RACY_NS = 3_000_000_000  # files changed this recently are also compared by content
 
 
@@ -887,6 +890,187 @@ class Claims:
             self.rules.setdefault(k, []).append(r)
 
 
+# --------------------------------------------------------------------------
+# The file format, as data: the Spec tables below (TOP, GUEST, FORWARD) are
+# the whole shape of ports.yaml, and _Validator.walk() reads every node the
+# same way, so that a value of the wrong kind, an unknown or repeated key and
+# FILE:LINE:COL are handled once. What a value must look like is judged by
+# the check_* functions above, shared with the domain metadata.
+
+
+class Spec:
+    """What one node may be, and what it reads as. A node of any other kind
+    is reported as "{label} is {what it is} ({expect})" (label and context
+    may name the guest: {name}) and reads as `default`. A Spec allows one
+    kind, or two (a forward: scalar or fields)."""
+
+    default: Any = None
+    scalar: Any = None  # a non-empty scalar: scalar(text, report) -> value
+    nonblank = False  # ... that is not blank either
+    boolean = False  # a YAML boolean
+    many: Any = None  # a scalar or a non-empty list of them: many([(text, report)], scope) -> value
+    one = ("", "")  # many: label and expect for an item that is not a scalar
+    empty = ""  # many: the problem with an empty list
+    items: Any = None  # a list of these Specs -> [(value, node)] of the items without any problem
+    fields: Any = None  # a mapping of these {key: Spec}, read in this order (scope: the values so far)
+    finish: Any = None  # fields: finish(v, values, found, node, name, knode) -> value
+    names: Any = None  # a mapping of any names to this Spec, each read if claim(v, name, knode)
+    claim: Any = None
+    context = ""  # fields, names: where, for "unknown key 'x' {context}"
+    optional = False  # empty (`key:` or `~`) is fine: no fields, or `default`
+    short_for: Any = None  # a list here is short for a mapping with the list under this key
+
+    def __init__(self, label: str, expect: str, default=None, **kind):
+        if not kind.keys() <= vars(Spec).keys():
+            raise TypeError(f"unknown Spec argument(s) {sorted(kind.keys() - vars(Spec).keys())}")
+        self.label, self.expect, self.default = label, expect, default
+        self.__dict__.update(kind)
+
+
+def _choice(key, choices):
+    def check(text, report):
+        if text in choices:
+            return text
+        hint = _suggest(text, choices)
+        tail = f"; did you mean '{hint}'?" if hint else ""
+        report(f"invalid {key} '{text}' (expected one of: {_one_of(choices)}{tail})")
+        return None
+    return check
+
+
+def _ports(role):
+    return lambda text, report: check_ports(text, role, report)
+
+
+def _host_address(text, report):
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]  # as in the short form, where an IPv6 address needs them
+    return check_host_address(text, report)
+
+
+def _guest_addresses(items, scope):
+    out: dict[int, str] = {}
+    for text, report in items:
+        check_guest_address(text, out, report)
+    return tuple(out[v] for v in (4, 6) if v in out)
+
+
+def _sources(items, scope):
+    host = scope["host_address"]
+    out: list[str] = []
+    for text, report in items:
+        net = check_source(text, host, report)
+        if net is not None and net not in out:
+            out.append(net)
+    return tuple(out)
+
+
+def _forward_long(v, values, found, node, name, knode):
+    """The mapping form: guest_port defaults to host_port, which is required,
+    except in `{8080: 80}` (the short form with a space after ':'), which
+    items() already explained as an unknown key."""
+    scalar = v.yaml.ScalarNode
+    spaced = len(node.value) == 1 and all(isinstance(n, scalar) for n in node.value[0]) and _digits(node.value[0][0].value)
+    if "host_port" not in found and not spaced:
+        v.add(node, "forward is missing 'host_port' (expected e.g. {host_port: 2222, guest_port: 22})")
+    hp = values["host_port"]
+    gnode, gp = (found["guest_port"][1], values["guest_port"]) if "guest_port" in found else (node, hp)
+    if hp and gp:
+        check_same_length(hp, gp, lambda m: v.add(gnode, m))
+    return values["protocol"], values["host_address"], hp, gp, values["source"]
+
+
+def _claim_guest(v, name, knode) -> bool:
+    """A guest is defined once across all files (the first one counts)."""
+    if name == "":
+        v.add(knode, "empty guest name (expected a libvirt domain name)")
+        return False
+    if name in v.guest_at:
+        v.add(knode, f"guest '{name}' is already defined at {v.guest_at[name]} (expected each guest once across all files)")
+        return False
+    v.guest_at[name] = v.at(knode)
+    return True
+
+
+def _keep_guest(v, values, found, node, name, knode):
+    """The guest's forwards, each checked against its fixed addresses and
+    queued for the conflict sweep (check_conflicts) with where it was written."""
+    addresses = values["address"]
+    families = families_of(addresses)
+    rules = []
+    for parsed, item in values["forward"]:
+        line, col = item.start_mark.line + 1, item.start_mark.column + 1
+        rule = PortRule(*parsed, f"{v.file}:{line}")
+        if not check_family_fit(rule, name, addresses, lambda m, item=item: v.add(item, m)):
+            continue
+        rules.append(rule)
+        v.rules.append(sweep_rule(rule, name, len(v.rules), families, None, v.index, v.file, line, col))
+    v.guests[name] = GuestConfig(name, addresses, values["interface"], values["allow_outside_network"],
+                                 tuple(rules), f"{v.file}:{knode.start_mark.line + 1}")
+
+
+def _keep_settings(v, values, found, node, name, knode):
+    """A setting is set once across all files (a valid value counts)."""
+    for key, (kn, _vn) in found.items():
+        if values[key] is None:
+            continue
+        if key in v.setting_at:
+            v.add(kn, f"setting '{key}' is already set at {v.setting_at[key]} (expected each setting once across all files)")
+            continue
+        v.setting_at[key] = v.at(kn)
+        v.settings[key] = values[key]
+
+
+FORWARD = Spec(
+    "forward", "expected a string like \"8080:80\" or a mapping with 'host_port'",
+    scalar=parse_short,  # 8080:80, [HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL]
+    context="in forward", finish=_forward_long, fields={
+        "host_port": Spec("'host_port'", _PORT_EXPECT, scalar=_ports("host")),
+        "guest_port": Spec("'guest_port'", _PORT_EXPECT, scalar=_ports("guest")),  # default: host_port
+        "protocol": Spec("'protocol'", f"expected one of: {_one_of(PROTOCOLS)}", "tcp", scalar=check_protocol),
+        "host_address": Spec("'host_address'", "expected an IPv4 or IPv6 address", scalar=_host_address),
+        "source": Spec(
+            "'source'", "expected an address, a network like 198.51.100.0/24, or a list of them", (),
+            many=_sources, one=("source", "expected an address or a network like 198.51.100.0/24"),
+            empty="empty 'source' list (expected at least one address or network; leave 'source' out to allow everyone)",
+        ),
+    },
+)
+
+GUEST = Spec(
+    "guest '{name}'", "expected a list of forwards, or a mapping with 'forward'",
+    optional=True, short_for="forward", context="in guest '{name}'", finish=_keep_guest, fields={
+        "address": Spec(
+            "'address'", "expected an address or a list of addresses", (),
+            many=_guest_addresses, one=("guest address", "expected an IPv4 or IPv6 address"),
+            empty="empty 'address' list (expected one IPv4 and/or one IPv6 address)",
+        ),
+        "interface": Spec("'interface'", "expected a MAC address or a libvirt network name",
+                          scalar=check_interface, nonblank=True),
+        "allow_outside_network": Spec("'allow_outside_network'", "expected true or false", False, boolean=True),
+        "forward": Spec("'forward' of guest '{name}'", "expected a list", (), items=FORWARD, optional=True),
+    },
+)
+
+TOP = Spec(
+    "the top level", "expected a mapping with 'settings' and/or 'guests'", optional=True, context="at the top level",
+    fields={
+        "settings": Spec(
+            "'settings'", "expected a mapping", optional=True, context="in settings", finish=_keep_settings,
+            fields={k: Spec(f"'{k}'", f"expected one of: {_one_of(c)}", scalar=_choice(k, c))
+                    for k, c in SETTING_CHOICES.items()},
+        ),
+        "guests": Spec("'guests'", "expected a mapping of guest names", optional=True, context="in guests",
+                       names=GUEST, claim=_claim_guest),
+    },
+)
+
+# The keys of each mapping, for the docs' tests and the messages.
+TOP_KEYS = tuple(TOP.fields)
+GUEST_KEYS = tuple(GUEST.fields)
+FORWARD_KEYS = tuple(FORWARD.fields)
+
 class _Validator:
     """Walks composed nodes of each file and collects (file_index, Problem)."""
 
@@ -927,16 +1111,15 @@ class _Validator:
             "timestamp": f"the date {node.value}",
         }.get(tag, f"the string '{node.value}'")
 
-    def is_null(self, node) -> bool:
-        return isinstance(node, self.yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-    def items(self, node, context, known):
-        """Yield (key, key_node, value_node) of a mapping, reporting bad keys."""
+    def keys(self, node, spec: Spec, name) -> dict:
+        """{key: (key node, value node)} of a mapping, in order, reporting bad keys."""
         y = self.yaml
-        seen: dict[str, object] = {}
+        seen: dict[str, Any] = {}
+        found: dict[str, tuple] = {}
+        known = spec.fields
         for knode, vnode in node.value:
             if not isinstance(knode, y.ScalarNode):
-                self.add(knode, f"key {context} is {self.what(knode)} (expected a name)")
+                self.add(knode, f"key {spec.context.format(name=name)} is {self.what(knode)} (expected a name)")
                 continue
             key = knode.value
             if key in seen:
@@ -949,9 +1132,10 @@ class _Validator:
                 continue
             seen[key] = knode
             if known is not None and key not in known:
-                self.unknown(knode, key, vnode, context, known)
+                self.unknown(knode, key, vnode, spec.context.format(name=name), known)
                 continue
-            yield key, knode, vnode
+            found[key] = (knode, vnode)
+        return found
 
     def unknown(self, knode, key, vnode, context, known):
         y = self.yaml
@@ -984,7 +1168,7 @@ class _Validator:
             text = text[1:]
         node = self.compose(text, y, loader)
         if node is not None:
-            self.check_top(node)
+            self.walk(node, TOP)
 
     def compose(self, text, y, loader):
         nest = _nesting_problem(text)
@@ -1060,238 +1244,71 @@ class _Validator:
                 msg += f" ({ctx})"
         self.add(mark, msg)
 
-    # -- structure
+    # -- the schema walk
 
-    def check_top(self, node):
+    def walk(self, node, spec: Spec, name=None, knode=None, scope=None):
+        """Read `node` as `spec` says (see Spec), reporting every problem at
+        its node; returns the value, or spec.default when the node is unusable.
+        name: the guest the node belongs to; knode: the node's key."""
         y = self.yaml
-        if self.is_null(node):
-            return
-        if not isinstance(node, y.MappingNode):
-            self.add(node, f"the top level is {self.what(node)} (expected a mapping with 'settings' and/or 'guests')")
-            return
-        for key, _knode, vnode in self.items(node, "at the top level", TOP_KEYS):
-            if key == "settings":
-                self.check_settings(vnode)
-            else:
-                self.check_guests(vnode)
-
-    def check_settings(self, node):
-        y = self.yaml
-        if self.is_null(node):
-            return
-        if not isinstance(node, y.MappingNode):
-            self.add(node, f"'settings' is {self.what(node)} (expected a mapping)")
-            return
-        for key, knode, vnode in self.items(node, "in settings", tuple(SETTING_CHOICES)):
-            choices = SETTING_CHOICES[key]
-            if not isinstance(vnode, y.ScalarNode) or self.is_null(vnode):
-                self.add(vnode, f"'{key}' is {self.what(vnode)} (expected one of: {_one_of(choices)})")
-                continue
-            value = vnode.value
-            if value not in choices:
-                hint = _suggest(value, choices)
-                tail = f"; did you mean '{hint}'?" if hint else ""
-                self.add(vnode, f"invalid {key} '{value}' (expected one of: {_one_of(choices)}{tail})")
-                continue
-            if key in self.setting_at:
-                self.add(knode, f"setting '{key}' is already set at {self.setting_at[key]} (expected each setting once across all files)")
-                continue
-            self.setting_at[key] = self.at(knode)
-            self.settings[key] = value
-
-    def check_guests(self, node):
-        y = self.yaml
-        if self.is_null(node):
-            return
-        if not isinstance(node, y.MappingNode):
-            self.add(node, f"'guests' is {self.what(node)} (expected a mapping of guest names)")
-            return
-        for name, knode, vnode in self.items(node, "in guests", None):
-            if name == "":
-                self.add(knode, "empty guest name (expected a libvirt domain name)")
-                continue
-            if name in self.guest_at:
-                self.add(knode, f"guest '{name}' is already defined at {self.guest_at[name]} (expected each guest once across all files)")
-                continue
-            self.guest_at[name] = self.at(knode)
-            self.check_guest(name, knode, vnode)
-
-    def check_guest(self, name, knode, node):
-        y = self.yaml
-        addresses: tuple[str, ...] = ()
-        interface = None
-        allow = False
-        fnode = None
-        if isinstance(node, y.SequenceNode):
-            fnode = node
+        if isinstance(node, y.ScalarNode):
+            if node.tag == _NULL:
+                if spec.optional:
+                    if spec.fields is not None:
+                        return self.mapping(node, spec, {}, name, knode)
+                    return spec.default
+            elif spec.scalar is not None:
+                if not spec.nonblank or node.value.strip():
+                    return spec.scalar(node.value, lambda m: self.add(node, m))
+            elif spec.boolean:
+                if node.tag == _BOOL:
+                    return node.value.lower() in ("true", "yes", "on", "y")
+            elif spec.many is not None:
+                return spec.many([(node.value, lambda m: self.add(node, m))], scope)
         elif isinstance(node, y.MappingNode):
-            for key, _kn, vn in self.items(node, f"in guest '{name}'", GUEST_KEYS):
-                if key == "address":
-                    addresses = self.guest_addresses(vn)
-                elif key == "interface":
-                    interface = self.interface(vn)
-                elif key == "allow_outside_network":
-                    allow = self.boolean(key, vn)
-                else:
-                    fnode = vn
-        elif not self.is_null(node):
-            self.add(node, f"guest '{name}' is {self.what(node)} (expected a list of forwards, or a mapping with 'forward')")
-            return
-        families = families_of(addresses)
-        rules = []
-        if fnode is not None and not self.is_null(fnode):
-            if not isinstance(fnode, y.SequenceNode):
-                self.add(fnode, f"'forward' of guest '{name}' is {self.what(fnode)} (expected a list)")
-            else:
-                for item in fnode.value:
-                    rule = self.forward(item)
-                    if rule is None:
-                        continue
-                    if not check_family_fit(rule, name, addresses, lambda m, item=item: self.add(item, m)):
-                        continue
-                    rules.append(rule)
-                    line, col = item.start_mark.line + 1, item.start_mark.column + 1
-                    self.rules.append(
-                        sweep_rule(rule, name, len(self.rules), families, None, self.index, self.file, line, col)
-                    )
-        self.guests[name] = GuestConfig(
-            name, addresses, interface, allow, tuple(rules), f"{self.file}:{knode.start_mark.line + 1}"
-        )
+            if spec.fields is not None:
+                return self.mapping(node, spec, self.keys(node, spec, name), name, knode)
+            if spec.names is not None:
+                for key, (kn, vn) in self.keys(node, spec, name).items():
+                    if spec.claim(self, key, kn):
+                        self.walk(vn, spec.names, key, kn)
+                return spec.default
+        elif isinstance(node, y.SequenceNode):
+            if spec.items is not None:
+                out = []
+                for item in node.value:
+                    before = len(self.problems)
+                    value = self.walk(item, spec.items, name)
+                    if len(self.problems) == before:
+                        out.append((value, item))
+                return out
+            if spec.short_for is not None:
+                return self.mapping(node, spec, {spec.short_for: (None, node)}, name, knode)
+            if spec.many is not None:
+                if not node.value:
+                    self.add(node, spec.empty)
+                    return spec.default
+                label, expect = spec.one
+                items = []
+                for item in node.value:
+                    if isinstance(item, y.ScalarNode) and item.tag != _NULL:
+                        items.append((item.value, lambda m, item=item: self.add(item, m)))
+                    else:
+                        self.add(item, f"{label} is {self.what(item)} ({expect})")
+                return spec.many(items, scope)
+        self.add(node, f"{spec.label.format(name=name)} is {self.what(node)} ({spec.expect})")
+        return spec.default
 
-    def boolean(self, key, node) -> bool:
-        if isinstance(node, self.yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            return node.value.lower() in ("true", "yes", "on", "y")
-        self.add(node, f"'{key}' is {self.what(node)} (expected true or false)")
-        return False
-
-    def interface(self, node) -> str | None:
-        if not isinstance(node, self.yaml.ScalarNode) or self.is_null(node) or not node.value.strip():
-            self.add(node, f"'interface' is {self.what(node)} (expected a MAC address or a libvirt network name)")
-            return None
-        return check_interface(node.value, lambda m: self.add(node, m))
-
-    def guest_addresses(self, node) -> tuple[str, ...]:
-        y = self.yaml
-        if isinstance(node, y.SequenceNode):
-            items = node.value
-            if not items:
-                self.add(node, "empty 'address' list (expected one IPv4 and/or one IPv6 address)")
-        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
-            items = [node]
-        else:
-            self.add(node, f"'address' is {self.what(node)} (expected an address or a list of addresses)")
-            return ()
-        out: dict[int, str] = {}
-        for item in items:
-            if not isinstance(item, y.ScalarNode) or self.is_null(item):
-                self.add(item, f"guest address is {self.what(item)} (expected an IPv4 or IPv6 address)")
-                continue
-            check_guest_address(item.value, out, lambda m, item=item: self.add(item, m))
-        return tuple(out[v] for v in (4, 6) if v in out)
-
-    # -- forwards
-
-    def forward(self, node) -> PortRule | None:
-        y = self.yaml
-        before = len(self.problems)
-        if isinstance(node, y.MappingNode):
-            parsed = self.forward_long(node)
-        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
-            parsed = self.forward_short(node)
-        else:
-            self.add(node, f"forward is {self.what(node)} (expected a string like \"8080:80\" or a mapping with 'host_port')")
-            return None
-        if parsed is None or len(self.problems) != before:
-            return None
-        proto, host, hp, gp, sources = parsed
-        return PortRule(proto, host, hp, gp, sources, f"{self.file}:{node.start_mark.line + 1}")
-
-    def forward_short(self, node):
-        return parse_short(node.value, lambda m: self.add(node, m))
-
-    def forward_long(self, node):
-        y = self.yaml
-        if len(node.value) == 1:
-            kn, vn = node.value[0]
-            if isinstance(kn, y.ScalarNode) and isinstance(vn, y.ScalarNode) and _digits(kn.value):
-                self.unknown(kn, kn.value, vn, "in forward", FORWARD_KEYS)
-                return None
-        fields = {}
-        for key, kn, vn in self.items(node, "in forward", FORWARD_KEYS):
-            fields[key] = (kn, vn)
-        if "host_port" not in fields:
-            self.add(node, "forward is missing 'host_port' (expected e.g. {host_port: 2222, guest_port: 22})")
-        hp = gp = None
-        if "host_port" in fields:
-            hp = self.port_field("host", fields["host_port"][1])
-        if "guest_port" in fields:
-            gnode = fields["guest_port"][1]
-            gp = self.port_field("guest", gnode)
-        else:
-            gnode, gp = node, hp
-        proto = "tcp"
-        if "protocol" in fields:
-            pnode = fields["protocol"][1]
-            if isinstance(pnode, y.ScalarNode) and not self.is_null(pnode):
-                proto = self.protocol(pnode.value, pnode)
-            else:
-                self.add(pnode, f"'protocol' is {self.what(pnode)} (expected one of: {_one_of(PROTOCOLS)})")
-        host = None
-        if "host_address" in fields:
-            anode = fields["host_address"][1]
-            if isinstance(anode, y.ScalarNode) and not self.is_null(anode):
-                value = anode.value.strip()
-                if value.startswith("[") and value.endswith("]"):
-                    value = value[1:-1]
-                host = self.host_address(value, anode)
-            else:
-                self.add(anode, f"'host_address' is {self.what(anode)} (expected an IPv4 or IPv6 address)")
-        sources: tuple[str, ...] = ()
-        if "source" in fields:
-            sources = self.sources(fields["source"][1], host)
-        if hp and gp:
-            self.same_length(hp, gp, gnode)
-        return proto, host, hp, gp, sources
-
-    def port_field(self, role, node):
-        if isinstance(node, self.yaml.ScalarNode) and not self.is_null(node):
-            return self.ports(node.value, node, role)
-        self.add(node, f"'{role}_port' is {self.what(node)} ({_PORT_EXPECT})")
-        return None
-
-    def ports(self, text, node, role) -> tuple[int, int] | None:
-        return check_ports(text, role, lambda m: self.add(node, m))
-
-    def same_length(self, hp, gp, node):
-        check_same_length(hp, gp, lambda m: self.add(node, m))
-
-    def protocol(self, text, node) -> str:
-        return check_protocol(text, lambda m: self.add(node, m))
-
-    def host_address(self, text, node) -> str | None:
-        return check_host_address(text, lambda m: self.add(node, m))
-
-    def sources(self, node, host) -> tuple[str, ...]:
-        y = self.yaml
-        if isinstance(node, y.SequenceNode):
-            items = node.value
-            if not items:
-                self.add(node, "empty 'source' list (expected at least one address or network; leave 'source' out to allow everyone)")
-                return ()
-        elif isinstance(node, y.ScalarNode) and not self.is_null(node):
-            items = [node]
-        else:
-            self.add(node, f"'source' is {self.what(node)} (expected an address, a network like 198.51.100.0/24, or a list of them)")
-            return ()
-        out: list[str] = []
-        for item in items:
-            if not isinstance(item, y.ScalarNode) or self.is_null(item):
-                self.add(item, f"source is {self.what(item)} (expected an address or a network like 198.51.100.0/24)")
-                continue
-            net = check_source(item.value, host, lambda m, item=item: self.add(item, m))
-            if net is not None and net not in out:
-                out.append(net)
-        return tuple(out)
+    def mapping(self, node, spec: Spec, found: dict, name, knode):
+        """The fields of a mapping (`found`: key -> (key node, value node)),
+        read in the schema's order, then spec.finish."""
+        values: dict = {}
+        for key, fspec in spec.fields.items():
+            pair = found.get(key)
+            values[key] = fspec.default if pair is None else self.walk(pair[1], fspec, name, pair[0], values)
+        if spec.finish is None:
+            return values
+        return spec.finish(self, values, found, node, name, knode)
 
     # -- across files
 

@@ -9,7 +9,8 @@ and every other manager's filters, the kernel's switches. Each check prints
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import List, Optional, Tuple

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import select
 import struct
-from typing import TYPE_CHECKING
+
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import Dict, Iterable, Optional

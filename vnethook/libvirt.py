@@ -686,7 +686,11 @@ def running_domains(paths: object, errors: Optional[List[str]] = None,
     vanish, cannot be read or do not parse are skipped (libvirt rewrites
     them while guests start and stop); their errors go to `errors`.
     `metadata`: gets (xml, file) of each one that carries vnethook
-    metadata (see vnethook/metadata.py), read once with the rest."""
+    metadata (see vnethook/metadata.py), read once with the rest.
+
+    With a Paths, what each file held is kept in the state dir
+    (_DomainCache): sync reads every running guest's status file, and a
+    file that did not change need not be parsed again."""
     directory = _dir(paths, "running_domains_dir")
     try:
         names = sorted(os.listdir(directory))
@@ -694,22 +698,123 @@ def running_domains(paths: object, errors: Optional[List[str]] = None,
         return []
     except OSError as e:
         raise LibvirtDataError(f"{directory}: cannot list: {e.strerror or e}") from None
+    cache = _DomainCache(paths.domains_cache) if hasattr(paths, "domains_cache") else None
     out = []
     for fname in names:
         if not fname.endswith(".xml") or fname.startswith("."):
             continue
         path = os.path.join(directory, fname)
         try:
+            if cache is not None:
+                dom = cache.get(path, metadata is not None)
+                if dom is not None:
+                    out.append(dom)
+                    continue
             data = _read_file(path)
             if data is None:
                 continue
-            out.append(parse_domain(data, source=path))
-            if metadata is not None and _METADATA_NS in data:
+            dom = parse_domain(data, source=path)
+            out.append(dom)
+            has_metadata = _METADATA_NS in data
+            if metadata is not None and has_metadata:
                 metadata.append((data, path))
+            if cache is not None:
+                cache.put(path, dom, has_metadata)
         except LibvirtDataError as e:
             if errors is not None:
                 errors.append(str(e))
+    if cache is not None:
+        cache.save()
     return out
+
+
+class _DomainCache:
+    """What running_domains() read from each status file, by the file's identity.
+
+    An entry counts only while the file's inode, device, size, mtime and
+    ctime are unchanged (libvirt replaces a status file by rename: a new
+    inode) and its mtime is older than _RACY_NS: a file written within the
+    same clock tick as its cached read could differ with the same stat.
+    A file with vnethook metadata is read again whenever the caller wants
+    the metadata (its raw XML is not kept). Entries of files that are gone
+    are dropped. Like the config cache: marshal, written atomically,
+    trusted only when owned by root (or us) and not writable by others;
+    any trouble is a miss, never an error.
+    """
+
+    FORMAT = 1
+    _RACY_NS = 2_000_000_000
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.old: dict = self._load()
+        self.new: dict = {}
+        import time
+
+        self.now = time.time_ns()
+        self.stats: dict = {}
+
+    def _load(self) -> dict:
+        import marshal
+
+        try:
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return {}
+        try:
+            st = os.fstat(fd)
+            if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022 or st.st_size > 64 << 20:
+                return {}
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                blob = marshal.loads(f.read())
+        except (OSError, EOFError, ValueError, TypeError):
+            return {}
+        finally:
+            os.close(fd)
+        if not isinstance(blob, tuple) or len(blob) != 2 or blob[0] != self.FORMAT or not isinstance(blob[1], dict):
+            return {}
+        return blob[1]
+
+    def _key(self, path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def get(self, path: str, want_metadata: bool) -> Optional[Domain]:
+        key = self._key(path)
+        self.stats[path] = key
+        entry = self.old.get(path)
+        if key is None or entry is None or entry[0] != key or (want_metadata and entry[1]):
+            return None
+        try:
+            name, uuid, ifaces = entry[2]
+            dom = Domain(name=name, uuid=uuid, interfaces=tuple(
+                Interface(mac=m, type=t, network=n, bridge=b, target=d, portid=p) for m, t, n, b, d, p in ifaces))
+        except (TypeError, ValueError):
+            return None
+        self.new[path] = entry
+        return dom
+
+    def put(self, path: str, dom: Domain, has_metadata: bool) -> None:
+        key = self.stats.get(path)
+        if key is None or key[3] >= self.now - self._RACY_NS:
+            return
+        self.new[path] = (key, has_metadata, (dom.name, dom.uuid, tuple(
+            (i.mac, i.type, i.network, i.bridge, i.target, i.portid) for i in dom.interfaces)))
+
+    def save(self) -> None:
+        if self.new == self.old:
+            return
+        import marshal
+
+        from vnethook.fsutil import atomic_write
+
+        try:
+            atomic_write(self.file, marshal.dumps((self.FORMAT, self.new)))
+        except (OSError, ValueError):
+            pass  # only an optimisation (a read-only or missing state dir)
 
 
 def running_domain(paths: object, name: str) -> Optional[Domain]:

@@ -12,7 +12,8 @@ TCP sockets in LISTEN, UDP sockets that are bound but not connected.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import Iterable, List, Optional, Set, Tuple

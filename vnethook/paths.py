@@ -87,6 +87,10 @@ class Paths(Value):
     def config_cache(self) -> str:
         return os.path.join(self.state_dir, "config.cache")
 
+    @property
+    def domains_cache(self) -> str:
+        return os.path.join(self.state_dir, "domains.cache")
+
 
 def get_paths(config: str | None = None) -> Paths:
     return Paths(

@@ -263,3 +263,98 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
     # everything of gc, both families, and nothing else
     assert out["doubt"][0] == []
     assert out["doubt"][1:] == [False, False, 4, [False]]
+
+
+@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
+    """The first guest (no base yet) takes the fast path, which creates the
+    base itself: the kernel then holds exactly what the listing path
+    builds, removal gives back exactly libvirt's rules, and a base that
+    exists after all (a wrong guess) fails that batch and the listing path
+    converges. In a private network namespace, with libvirt's rules."""
+    code = textwrap.dedent("""
+        import json, subprocess, sys
+        sys.path.insert(0, %r)
+        sys.path.insert(0, %r)
+        from forward_factory import fwd
+        from vnethook.firewall.iptables_nft import IptablesNftBackend
+        R = %r
+        for tool, f in (("iptables-nft-restore", "libvirt-iptables-v4.rules"),
+                        ("ip6tables-nft-restore", "libvirt-iptables-v6.rules")):
+            subprocess.run([tool], stdin=open(R + "/" + f), check=True)
+
+        def save():
+            return "".join(subprocess.run([t], capture_output=True, text=True, check=True).stdout
+                           for t in ("iptables-nft-save", "ip6tables-nft-save"))
+
+        def rules(text):
+            return sorted(l for l in text.splitlines() if l and l[0] in "-:" and "[" not in l
+                          ) + sorted(l.split(" [")[0] for l in text.splitlines() if l.startswith(":"))
+
+        fws = [fwd(bridge="virbr9"), fwd(bridge="virbr9", protocol="udp", host_ports=(53, 53), guest_ports=(53, 53)),
+               fwd(bridge="virbr9", family=6, subnet="2001:db8::/64", guest_address="2001:db8::10")]
+        key = fws[0].key
+        be = IptablesNftBackend()
+        clean = rules(save())
+        out = {"absent": [be._base_absent(4), be._base_absent(6)]}
+        tried = []
+        real_slow = be.list_owned  # the slow path starts with the guest's listing
+        be.list_owned = lambda k, w: (tried.append("slow"), real_slow(k, w))[1]
+        be.apply(key, fws, [])
+        out["fast"] = tried == []
+        fast = rules(save())
+        out["present"] = [be._base_absent(4), be._base_absent(6)]
+        be.remove(key, fws)
+        out["clean after remove"] = rules(save()) == clean
+        be.apply(key, fws, None)
+        out["same as listing path"] = rules(save()) == fast
+        # the base exists, yet the fast path is told it does not: -N fails, listing converges
+        be._base_absent = lambda fam: True
+        be.apply(key, fws[1:], fws)
+        v4 = subprocess.run(["iptables-nft-save"], capture_output=True, text=True, check=True).stdout
+        out["wrong guess converged"] = tried == ["slow", "slow"] and "8080" not in v4 and "dport 53" in v4
+        be.remove(key, fws[1:])
+        out["clean at the end"] = rules(save()) == clean
+        print(json.dumps(out))
+    """ % (REPO, os.path.join(REPO, "tests", "unit"), os.path.join(REPO, "tests", "acceptance", "rulesets")))
+    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == {"absent": [True, True], "fast": True, "present": [False, False], "clean after remove": True,
+                   "same as listing path": True, "wrong guess converged": True, "clean at the end": True}, out
+
+
+@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+def test_netlink_table_check_and_the_reused_query_socket():
+    """table_exists answers True/False from the kernel (not "unknown"), and
+    the one query socket is reused across requests, also after a request
+    for a chain that does not exist (no socket per question: each close
+    after a deletion would wait for an RCU grace period)."""
+    code = textwrap.dedent("""
+        import json, os, subprocess, sys
+        sys.path.insert(0, %r)
+        from vnethook.firewall import nfnetlink as nl, others
+        out = {"before": [nl.table_exists(4, "filter"), nl.table_exists(6, "filter"), sorted(others._nft_filter_tables())]}
+        subprocess.run(["iptables-nft", "-A", "FORWARD", "-o", "virbr9", "-j", "REJECT"], check=True)
+        out["after"] = [nl.table_exists(4, "filter"), nl.table_exists(6, "filter"), sorted(others._nft_filter_tables())]
+        out["untouched"] = others._covered_nft_untouched(4)
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            nl.chain_rules(4, "filter", "NOPE"); nl.chain_use(4, "filter", "NOPE"); nl.table_exists(4, "nat")
+        out["fds grew"] = len(os.listdir("/proc/self/fd")) - fds
+        out["still answers"] = [len(nl.chain_rules(4, "filter", "FORWARD")), nl.chain_use(4, "filter", "FORWARD")]
+        subprocess.run(["iptables-nft", "-N", "DOCKER-USER"], check=True)
+        subprocess.run(["iptables-nft", "-I", "FORWARD", "1", "-j", "DOCKER-USER"], check=True)
+        out["docker"] = others._covered_nft_untouched(4)
+        subprocess.run(["iptables-nft", "-D", "FORWARD", "-j", "DOCKER-USER"], check=True)
+        subprocess.run(["iptables-nft", "-A", "DOCKER-USER", *others.accept_spec().replace('"', "").split()], check=True)
+        out["stale copy"] = others._covered_nft_untouched(4)
+        print(json.dumps(out))
+    """ % REPO)
+    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == {"before": [False, False, []], "after": [True, False, [4]], "untouched": True, "fds grew": 0,
+                   "still answers": [1, 1], "docker": False, "stale copy": False}, out

@@ -290,9 +290,11 @@ class IptablesBackend(Backend):
             o, n = old_by.get(fam, []), new_by.get(fam, [])
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
             existing: List[Tuple[str, str]] = []
+            fresh = False
             if owned is None:
                 if n:
-                    self._check_lines(fam, n, sections)
+                    fresh = self._base_absent(fam)
+                    self._check_lines(fam, n, sections, fresh)
             else:
                 st = owned.context[fam]
                 existing = self._own_chains(st, key)
@@ -305,16 +307,23 @@ class IptablesBackend(Backend):
                         if r not in st.shared or (table, chain) in flushed:
                             sections[table].append(f"-A {chain} {spec}")
             self._plan(sections, o, n, existing)
+            if fresh:
+                for j in ir.base_jumps(fam, self.marked):
+                    sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
             undo: Dict[str, List[str]] = {"nat": [], "filter": []}
             if new:  # a removal is never reverted (converge.py)
                 self._plan(undo, n, o)
             units += [Unit(fam, t, tuple(sections[t]), tuple(undo[t])) for t in ir.TABLES if sections[t]]
         return units
 
-    def _check_lines(self, fam: int, new: List[str], sections: Dict[str, List[str]]) -> None:
+    def _check_lines(self, fam: int, new: List[str], sections: Dict[str, List[str]], fresh: bool) -> None:
         """Lines that fail the batch unless the base and the shared rules the
-        guest needs are there (nothing, if netlink said the base is fine)."""
-        if not self._base_in_place(fam):
+        guest needs are there (nothing, if netlink said the base is fine);
+        `fresh` (no base yet): lines that create it instead, the jumps into
+        it excepted (plan() puts them last, once the guest's chains are filled)."""
+        if fresh:
+            self._create_base(fam, sections)
+        elif not self._base_in_place(fam):
             # FORWARD's jump is re-seated at position 1 every time, as
             # libvirt may have put its own jumps ahead since; the nat
             # jumps are only checked (every rule deletion makes the
@@ -329,10 +338,22 @@ class IptablesBackend(Backend):
                 sections[table] += [f"-C {chain} {r.spec}" for r in rules]
         # Shared rules this guest needs: checked (a missing one fails
         # the batch, and the slow path adds it).
-        for r in new:
+        for r in dict.fromkeys(new):
             if ir.is_shared(r):
                 _, table, chain, spec = ir.split_canonical(r)
-                sections[table].append(f"-C {chain} {spec}")
+                sections[table].append(f"-{'A' if fresh else 'C'} {chain} {spec}")
+
+    def _base_absent(self, fam: int) -> bool:
+        """Whether vnethook's chains are known not to exist (False: unknown)."""
+        return False
+
+    def _create_base(self, fam: int, sections: Dict[str, List[str]]) -> None:
+        """Lines creating our chains and their base rules; the jumps into
+        them go last (see plan), once the guest's chains are filled."""
+        for table, chains in ir.our_chains(self.marked).items():
+            sections[table] += [f"-N {c}" for c in chains]
+        for (table, chain), rules in ir.base_rules(fam, self.marked).items():
+            sections[table] += [f"-A {chain} {r.spec}" for r in rules]
 
     def _base_in_place(self, fam: int) -> bool:
         """Whether the base is known to be in place without checking it in
@@ -544,6 +565,21 @@ class IptablesNftBackend(IptablesBackend):
     per_guest_chains = True
     restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
     save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
+
+    def _base_absent(self, fam: int) -> bool:
+        """Whether vnethook's chains seem not to exist (the first guest after
+        the last one's teardown): one O(1) netlink request.
+
+        Then the fast batch creates the base itself instead of failing on
+        its checks and sending the first guest to the listing path. It
+        creates the chains with `-N`, which fails the batch if one exists
+        after all (a wrong guess costs what the checks would have); and no
+        jump to a chain can exist without the chain.
+        """
+        from vnethook.firewall.nfnetlink import chain_use
+
+        return all(chain_use(fam, table, chain) is None
+                   for table, chains in ir.our_chains(self.marked).items() for chain in chains[:1])
 
     def _base_in_place(self, fam: int) -> bool:
         """Whether every base jump is there once, FORWARD's first (False if unsure).

@@ -35,7 +35,9 @@ bridge-nf-call-* switches are never touched.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional

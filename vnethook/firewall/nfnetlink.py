@@ -22,6 +22,8 @@ NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4
 NLM_F_REQUEST = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USE = 1, 3, 6
 FAMILY = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+_query_sock: list = []
+_seq = [0]
 
 
 def _attr(kind: int, value: bytes) -> bytes:
@@ -31,18 +33,49 @@ def _attr(kind: int, value: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
+def _query_socket():
+    """The process's one socket for GET requests, created on first use.
+
+    Reused, never closed by us: closing an nfnetlink socket after a commit
+    that deleted rules waits for their RCU grace period (see
+    hold_past_exit), and the last guest's stop asks its questions right
+    after its deletions. A request that went wrong drops it (_drop_query).
+    """
+    if not _query_sock:
+        import _socket
+
+        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+        _query_sock.append(sock)
+        hold_past_exit(sock)
+    return _query_sock[0]
+
+
+def _drop_query(sock) -> None:
+    """Never reuse a socket whose state is unknown (a stale answer may wait in it)."""
+    if _query_sock and _query_sock[0] is sock:
+        _query_sock.clear()
+        sock.close()
+
+
+def _next_seq() -> int:
+    if not _seq[0]:
+        _seq[0] = (os.getpid() << 8) & 0x3FFFFFFF or 1
+    _seq[0] += 1
+    return _seq[0]
+
+
 def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int | None":
     """Rules in `chain` plus jumps to it, or None if the kernel did not say."""
-    import _socket
     import _struct
 
     try:
-        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+        sock = _query_socket()
     except OSError:
         return None
+    ok = False
     try:
         sock.settimeout(timeout)
-        seq = os.getpid() & 0x7FFFFFFF
+        seq = _next_seq()
         body = _struct.pack("=BBH", FAMILY[family], 0, 0)
         body += _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0")
         body += _attr(NFTA_CHAIN_NAME, chain.encode() + b"\0")
@@ -50,14 +83,19 @@ def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int
         sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body,
                     (0, 0))
         data = sock.recv(65536)
+        # One request, one answer (the chain, or an error): the socket is clean.
+        ok = len(data) >= 16
     except OSError:
         return None
     finally:
-        sock.close()
+        if not ok:
+            _drop_query(sock)
     if len(data) < 20:
         return None
     length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data)
     if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN or rseq != seq:  # GET answers as NEW
+        if rseq != seq:
+            _drop_query(sock)
         return None
     off = 16 + 4  # nlmsghdr + nfgenmsg
     end = min(length, len(data))
@@ -68,6 +106,45 @@ def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int
         if akind & 0x3FFF == NFTA_CHAIN_USE and alen >= 8:
             return _struct.unpack_from("!I", data, off + 4)[0]
         off += (alen + 3) & ~3
+    return None
+
+
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
+NFTA_TABLE_NAME = 1
+
+
+def table_exists(family: int, table: str, timeout: float = 2.0) -> "bool | None":
+    """Whether nf_tables has table `table` in `family` (ip/ip6); None if unknown.
+
+    One GETTABLE request: `nft list tables` through libnftables fetches
+    every table's chains, rules and sets first (nftables 1.0.x).
+    """
+    import _struct
+
+    try:
+        sock = _query_socket()
+    except OSError:
+        return None
+    data = b""
+    try:
+        sock.settimeout(timeout)
+        seq = _next_seq()
+        body = _struct.pack("=BBH", FAMILY[family], 0, 0) + _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+        sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body, (0, 0))
+        data = sock.recv(65536)
+    except OSError:
+        data = b""
+    msgs = headers(data, seq) if data else None
+    if not msgs or len(msgs) != 1:
+        _drop_query(sock)
+        return None
+    off, length, kind, _ = msgs[0]
+    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+        return True
+    if kind == NLMSG_ERROR and length >= 20:
+        err = _struct.unpack_from("=i", data, off + 16)[0]
+        return False if err == -2 else None  # ENOENT: no such table
     return None
 
 
@@ -107,17 +184,17 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
     A dump filtered to one chain: the kernel walks that chain only, where
     `iptables -C` (or -D) first fetches every rule of the table.
     """
-    import _socket
     import _struct
 
     try:
-        sock = _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+        sock = _query_socket()
     except OSError:
         return None
     out: "list" = []
+    clean = False  # read up to the dump's end (or its error): reusable
     try:
         sock.settimeout(timeout)
-        seq = (os.getpid() + 1) & 0x7FFFFFFF
+        seq = _next_seq()
         body = _struct.pack("=BBH", FAMILY[family], 0, 0)
         body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
         body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
@@ -131,14 +208,18 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
                 return None
             for off, length, kind, _ in msgs:
                 if kind == NLMSG_DONE:
+                    clean = off + length >= len(data)
                     return out
                 if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
-                    return None  # NLMSG_ERROR: no such table or chain
+                    # NLMSG_ERROR: no such table or chain (the dump's only answer)
+                    clean = kind == NLMSG_ERROR and off + length >= len(data)
+                    return None
                 out.append(data[off + 16:off + length])
     except OSError:
         return None
     finally:
-        sock.close()
+        if not clean:
+            _drop_query(sock)
 
 
 # --- deleting a guest's jumps and chains in one transaction -----------------
@@ -443,7 +524,6 @@ def find_jumps(family: int, wanted: "list", timeout: float = 2.0) -> "list | Non
 
 
 _batch_sock: list = []
-_seq = [0]
 
 
 def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.0) -> bool:

@@ -25,7 +25,9 @@ verdict out.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+# Not `from typing import TYPE_CHECKING`: the hooks never import typing.
+TYPE_CHECKING = False
 
 from vnethook.firewall.base import TAG, FirewallError
 
@@ -280,20 +282,40 @@ def legacy_loaded(proc: str = "/proc/net") -> "Dict[int, bool]":
 
 
 def _nft_filter_tables() -> "set":
-    """Families whose iptables-nft filter table exists (nft's table list)."""
-    try:
-        import nftables  # noqa: PLC0415 - lazy on purpose
-    except ImportError:
-        return {4, 6}  # cannot tell: let the listing decide, as before
-    rc, out, _err = nftables.Nftables().cmd("list tables")
-    if rc != 0:
-        return {4, 6}
-    have = set(out.split("\n"))
-    return {fam for fam, name in ((4, "table ip filter"), (6, "table ip6 filter")) if name in have}
+    """Families whose iptables-nft filter table exists (unknown counts as existing:
+    the listing then decides, as iptables-nft-save does)."""
+    from vnethook.firewall.nfnetlink import table_exists
+
+    return {fam for fam in (4, 6) if table_exists(fam, "filter") is not False}
 
 
-def views(flavours: "Iterable[str]" = FLAVOURS) -> "Dict[Tuple[str, int], Optional[FilterView]]":
-    """Every flavour's and family's filter table (None where there is none).
+def _covered_nft_untouched(fam: int) -> bool:
+    """Whether changes() would find nothing to do in iptables-nft's filter
+    table of `fam` when vnethook's own jump already serves its FORWARD.
+
+    Then only DOCKER-USER could need our accept, and only copies of it
+    could need deleting: FORWARD neither jumps to DOCKER-USER nor holds our
+    accept, and DOCKER-USER (if it exists) does not hold it. Two netlink
+    dumps of one chain each, instead of an iptables-nft-save run that
+    fetches the whole table: the first guest's start and the last one's
+    stop pay for this. False when unsure (the listing decides).
+    """
+    from vnethook.firewall.nfnetlink import chain_rules
+
+    tag = OTHERS_TAG.encode()
+    forward = chain_rules(fam, "filter", "FORWARD")
+    if forward is None or any(tag in r or f"{DOCKER_USER}\0".encode() in r for r in forward):
+        return False
+    # None here: no such chain (or no answer): a copy in a DOCKER-USER that
+    # FORWARD does not jump to is never reached, and sync lists everything.
+    user = chain_rules(fam, "filter", DOCKER_USER)
+    return not (user and any(tag in r for r in user))
+
+
+def views(flavours: "Iterable[str]" = FLAVOURS, skip: "Iterable[Tuple[str, int]]" = ()) \
+        -> "Dict[Tuple[str, int], Optional[FilterView]]":
+    """Every flavour's and family's filter table (None where there is none,
+    or where `skip` names it).
 
     Legacy is listed only where its filter table is loaded: listing it
     would load the x_tables modules.
@@ -303,9 +325,11 @@ def views(flavours: "Iterable[str]" = FLAVOURS) -> "Dict[Tuple[str, int], Option
     out: "Dict[Tuple[str, int], Optional[FilterView]]" = {}
     legacy = legacy_loaded()
     nft = _nft_filter_tables()
+    skip = set(skip)
     for flavour in flavours:
         for fam in (4, 6):
-            if (flavour == "legacy" and not legacy[fam]) or (flavour == "nft" and fam not in nft):
+            if (flavour == "legacy" and not legacy[fam]) or (flavour == "nft" and fam not in nft) \
+                    or (flavour, fam) in skip:
                 # iptables-nft-save prints builtin chains even for a table
                 # that does not exist; adding to them would create it.
                 out[(flavour, fam)] = None
@@ -326,7 +350,8 @@ def ensure(active: bool, covered: "Optional[str]" = None) -> "List[str]":
     from vnethook.firewall.iptables_nft import find_tool, run_tool
 
     problems = []
-    for (flavour, fam), view in views().items():
+    skip = [("nft", fam) for fam in (4, 6) if covered == "nft" and _covered_nft_untouched(fam)]
+    for (flavour, fam), view in views(skip=skip).items():
         lines = changes(view, active, covered == flavour)
         if not lines:
             continue
