@@ -136,3 +136,47 @@ def test_a_record_of_another_guest_goes_by_tag():
     d = Fake()
     d.remove(KEY, [V4.replace(domain="db")])
     assert ("list", KEY) in d.log
+
+
+def _why_not():
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root (a private network namespace)"
+    for tool in ("unshare", "ip6tables-nft-restore"):
+        if not shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin"):
+            return f"needs {tool}"
+    return None
+
+
+@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+def test_the_listing_path_deletes_a_jump_listed_twice():
+    """A kill mid-change can leave a guest's jump twice; the listing path
+    deletes each copy before the guest's chain (the canonical rules are
+    keys of a dict: the listing's own list must be used)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = textwrap.dedent("""
+        import subprocess, sys
+        sys.path.insert(0, %r)
+        sys.path.insert(0, %r)
+        from forward_factory import fwd
+        from vnethook.firewall import iptables_rules as ir
+        from vnethook.firewall.iptables_nft import IptablesNftBackend
+        fws = [fwd(), fwd(family=6, subnet="2001:db8::/64", guest_address="2001:db8::10")]
+        key = fws[0].key
+        be = IptablesNftBackend()
+        be.apply(key, fws, [])
+        subprocess.run(["ip6tables-nft", "-t", "nat", "-A", ir.CHAIN_DNAT, "-m", "comment", "--comment",
+                        "vnethook:" + key, "-j", ir.guest_chain(ir.CHAIN_DNAT, key)], check=True)
+        be.apply(key, fws[:1], None)
+        print("vnethook:" + key in subprocess.run(["ip6tables-nft-save"], capture_output=True, text=True).stdout)
+    """ % (repo, os.path.join(repo, "tests", "unit")))
+    p = subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False"]

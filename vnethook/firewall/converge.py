@@ -121,7 +121,8 @@ class Backend(Driver):
     def _remove(self, key: str, old: Dict[str, Any], owned: Optional[Owned], units: List[Unit]) -> None:
         """Commit a removal scope by scope, each with the base's teardown
         where it may be empty now. Stops at the first scope that fails:
-        nothing there changed, and the slow path takes over."""
+        what went through stays (it is progress), and the slow path lists
+        and removes the rest."""
         scopes = list(dict.fromkeys(u.scope for u in units))
         if owned is not None:
             scopes += [s for s in owned.bases if s not in scopes]

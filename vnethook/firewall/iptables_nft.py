@@ -297,6 +297,9 @@ class IptablesBackend(Backend):
                     self._check_lines(fam, n, sections, fresh)
             else:
                 st = owned.context[fam]
+                # As listed, duplicates included (a kill mid-change can leave
+                # a jump twice; each must go before its chain can).
+                o = st.guests.get(key, [])
                 existing = self._own_chains(st, key)
                 if not o and not n and not existing:
                     continue
