@@ -20,7 +20,6 @@ a driver (firewall/base.py): its syntax, listing and commits.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -771,6 +770,8 @@ def _detect_cached(paths, redetect: bool) -> tuple:
         stamp = [st.st_mtime_ns, st.st_size]
     except OSError:
         stamp = None
+    from vnethook import jsonlite as json
+
     if not redetect:
         try:
             with open(cache, "rb") as f:

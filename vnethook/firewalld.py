@@ -172,15 +172,9 @@ def _bridges(paths) -> list:
     from vnethook import libvirt
 
     out: list = []
-    try:
-        names = sorted(os.listdir(paths.running_networks_dir))
-    except OSError:
-        return out
-    for n in names:
-        if not n.endswith(".xml") or n.startswith("."):
-            continue
+    for path in libvirt.xml_files(paths.running_networks_dir):
         try:
-            net = libvirt._network_file(os.path.join(paths.running_networks_dir, n))
+            net = libvirt._network_file(path)
         except Exception:
             continue
         if net is not None and net.bridge and net.forward_mode in RULED_MODES:

@@ -41,8 +41,8 @@ DAEMONS = (("libvirtd", "run/libvirtd.pid"), ("virtqemud", "run/virtqemud.pid"),
 # see vnethook/blocklist.py) fails. Plain os calls only.
 #
 # Cost on the normal path: the guard is a string, compiled only when it is
-# needed (compiled on every run it would cost ~0.3 ms, scripts have no
-# .pyc), plus one dup2 and a try.
+# needed (a script has no .pyc: compiled on every run, it would cost every
+# event), plus one dup2 and a try.
 PRELUDE = """\
 try:
     os.dup2(2, 1)  # nothing may reach libvirt's stdout, whoever prints
@@ -134,8 +134,8 @@ def interpreter() -> str:
 
 def hook_text(kind: str) -> str:
     """The hook script: this interpreter (interpreter()), with `-S` when we
-    can say where its packages are (site.py costs 2-3 ms on every libvirt
-    event), and the guard around everything it runs."""
+    can say where its packages are (site.py is a good part of the interpreter's
+    start-up, on every libvirt event), and the guard around everything it runs."""
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     site_dirs = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
     if not site_dirs and os.path.realpath(sys.executable) != sys.executable:

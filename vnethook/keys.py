@@ -1,7 +1,7 @@
 """The guest key: a short, safe, collision-resistant name for a domain.
 
 Kept in its own stdlib-only module because the hook's fast paths need it
-before anything else is imported (hashlib alone costs ~8 ms to import;
+before anything else is imported (hashlib loads OpenSSL, a costly import;
 the builtin _sha256/_sha2 modules cost nothing).
 """
 

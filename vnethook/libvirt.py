@@ -123,9 +123,9 @@ def _to_bytes(data: object, source: str) -> bytes:
     return data
 
 
-# lxml costs ~17 ms to import: most of a hook run. For the plain documents
-# libvirt writes, the hook reads them with pyexpat (already in the stdlib,
-# ~1 ms) into the few light elements below, which answer the same find /
+# Importing lxml costs more than the rest of a hook run. For the plain documents
+# libvirt writes, the hook reads them with pyexpat (a builtin, nearly free
+# to import) into the few light elements below, which answer the same find /
 # findall / get / text / tag questions as lxml's. Anything unusual (a DOCTYPE
 # or entity declaration, a parse error, deep nesting, long names, a large
 # document) or any error found while reading the result makes the reader
@@ -691,19 +691,9 @@ def running_domains(paths: object, errors: Optional[List[str]] = None,
     With a Paths, what each file held is kept in the state dir
     (_DomainCache): sync reads every running guest's status file, and a
     file that did not change need not be parsed again."""
-    directory = _dir(paths, "running_domains_dir")
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise LibvirtDataError(f"{directory}: cannot list: {e.strerror or e}") from None
     cache = _DomainCache(paths.domains_cache) if hasattr(paths, "domains_cache") else None
     out = []
-    for fname in names:
-        if not fname.endswith(".xml") or fname.startswith("."):
-            continue
-        path = os.path.join(directory, fname)
+    for path in xml_files(_dir(paths, "running_domains_dir"), strict=True):
         try:
             if cache is not None:
                 dom = cache.get(path, metadata is not None)
@@ -838,19 +828,27 @@ def running_network(paths: object, name: str) -> Optional[Network]:
     return _memo(os.path.join(_dir(paths, "running_networks_dir"), f"{name}.xml"), "network", _network_file)
 
 
-def running_bridges(paths: object) -> List[str]:
-    """The bridges of every active network (unreadable files are skipped)."""
-    directory = _dir(paths, "running_networks_dir")
+def xml_files(directory: str, strict: bool = False) -> List[str]:
+    """The XML files libvirt keeps in `directory`, sorted (hidden ones are
+    its temporary files). [] when the directory cannot be listed; with
+    `strict`, only when it does not exist (else LibvirtDataError)."""
     try:
         names = sorted(os.listdir(directory))
-    except OSError:
+    except FileNotFoundError:
         return []
+    except OSError as e:
+        if strict:
+            raise LibvirtDataError(f"{directory}: cannot list: {e.strerror or e}") from None
+        return []
+    return [os.path.join(directory, n) for n in names if n.endswith(".xml") and not n.startswith(".")]
+
+
+def running_bridges(paths: object) -> List[str]:
+    """The bridges of every active network (unreadable files are skipped)."""
     out = []
-    for fname in names:
-        if not fname.endswith(".xml") or fname.startswith("."):
-            continue
+    for path in xml_files(_dir(paths, "running_networks_dir")):
         try:
-            net = _network_file(os.path.join(directory, fname))
+            net = _network_file(path)
         except LibvirtDataError:
             continue
         if net is not None and net.bridge:

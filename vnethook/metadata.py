@@ -385,17 +385,12 @@ def defined(paths) -> "List[Metadata]":
 def _read_dir(directory: str, exclude: "Optional[str]", errors: "Optional[List[str]]") -> "List[Metadata]":
     """The metadata in every domain XML file of `directory` (an unreadable
     file is skipped, and said in `errors` when given)."""
-    from vnethook.libvirt import LibvirtDataError, _read_file
+    from vnethook.libvirt import LibvirtDataError, _read_file, xml_files
 
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
     out = []
-    for fname in names:
-        if not fname.endswith(".xml") or fname.startswith(".") or fname[:-4] == exclude:
+    for path in xml_files(directory):
+        if os.path.basename(path)[:-4] == exclude:
             continue
-        path = os.path.join(directory, fname)
         try:
             data = _read_file(path)
         except LibvirtDataError as e:

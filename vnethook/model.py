@@ -21,7 +21,7 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 class Value:
     """A stand-in for @dataclass (frozen or not) that costs nothing to import.
 
-    dataclasses pulls in inspect (~10 ms), and every module on the hook's
+    dataclasses pulls in inspect (a large import: see README, Performance), and every module on the hook's
     path holds a few plain records. Subclasses list their fields as class
     annotations, in order; a class attribute is the field's default, and
     `factory(list)` makes a fresh default per instance. Equality, hash
@@ -132,7 +132,7 @@ class Forward:
     `origin` ("file:line") is for messages only and is ignored by equality.
 
     A plain slotted class rather than a dataclass: importing dataclasses
-    costs ~10 ms, and this module is on every hook's path.
+    (and inspect with it) would cost every hook run more than its work.
     """
 
     __slots__ = _FIELDS + ("origin", "_id")

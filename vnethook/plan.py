@@ -18,7 +18,7 @@ from vnethook.model import Forward
 
 
 class Plan:
-    """The outcome for one guest (a plain class: dataclasses cost 10 ms to import)."""
+    """The outcome for one guest (a plain class: dataclasses are a costly import on the hook's path)."""
 
     __slots__ = ("domain", "forwards", "waiting", "errors", "addresses", "pending")
 

@@ -50,11 +50,10 @@ def _query_socket():
     return _query_sock[0]
 
 
-def _drop_query(sock) -> None:
+def _drop_query() -> None:
     """Never reuse a socket whose state is unknown (a stale answer may wait in it)."""
-    if _query_sock and _query_sock[0] is sock:
-        _query_sock.clear()
-        sock.close()
+    if _query_sock:
+        _query_sock.pop().close()
 
 
 def _next_seq() -> int:
@@ -64,48 +63,57 @@ def _next_seq() -> int:
     return _seq[0]
 
 
-def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int | None":
-    """Rules in `chain` plus jumps to it, or None if the kernel did not say."""
+def _ask(kind: int, family: int, names: "list", dump: bool = False, timeout: float = 2.0):
+    """Send one GET request on the query socket; yield (data, offset,
+    length, type) of each answer message, until a single answer, a dump's
+    NLMSG_DONE or an error ends it. The socket is dropped unless its
+    answer was read to the end; a malformed or foreign answer ends the
+    iteration early (the caller's "unknown")."""
     import _struct
 
     try:
         sock = _query_socket()
-    except OSError:
-        return None
-    ok = False
-    try:
         sock.settimeout(timeout)
-        seq = _next_seq()
-        body = _struct.pack("=BBH", FAMILY[family], 0, 0)
-        body += _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0")
-        body += _attr(NFTA_CHAIN_NAME, chain.encode() + b"\0")
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN
-        sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body,
-                    (0, 0))
-        data = sock.recv(65536)
-        # One request, one answer (the chain, or an error): the socket is clean.
-        ok = len(data) >= 16
     except OSError:
-        return None
+        return
+    seq = _next_seq()
+    body = _struct.pack("=BBH", FAMILY[family], 0, 0)
+    body += b"".join(_attr(k, v.encode() + b"\0") for k, v in names)
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    clean = False
+    try:
+        sock.sendto(_struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, 0)
+                    + body, (0, 0))
+        while True:
+            data = sock.recv(1 << 17)
+            msgs = headers(data, seq)
+            if not data or not msgs:
+                return
+            for off, length, mtype, _ in msgs:
+                last = not dump or mtype in (NLMSG_DONE, NLMSG_ERROR)
+                if last:
+                    clean = off + length >= len(data)
+                yield data, off, length, mtype
+                if last:
+                    return
+    except OSError:
+        return
     finally:
-        if not ok:
-            _drop_query(sock)
-    if len(data) < 20:
-        return None
-    length, kind, _, rseq, _ = _struct.unpack_from("=IHHII", data)
-    if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN or rseq != seq:  # GET answers as NEW
-        if rseq != seq:
-            _drop_query(sock)
-        return None
-    off = 16 + 4  # nlmsghdr + nfgenmsg
-    end = min(length, len(data))
-    while off + 4 <= end:
-        alen, akind = _struct.unpack_from("=HH", data, off)
-        if alen < 4 or off + alen > end:
+        if not clean:
+            _drop_query()
+
+
+def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int | None":
+    """Rules in `chain` plus jumps to it, or None if the kernel did not say."""
+    import _struct
+
+    for data, off, length, kind in _ask(NFT_MSG_GETCHAIN, family,
+                                        [(NFTA_CHAIN_TABLE, table), (NFTA_CHAIN_NAME, chain)], timeout=timeout):
+        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN:  # GET answers as NEW
             return None
-        if akind & 0x3FFF == NFTA_CHAIN_USE and alen >= 8:
-            return _struct.unpack_from("!I", data, off + 4)[0]
-        off += (alen + 3) & ~3
+        for akind, value in _attrs(data[off + 20:off + length]) or ():
+            if akind == NFTA_CHAIN_USE and len(value) >= 4:
+                return _struct.unpack_from("!I", value)[0]
     return None
 
 
@@ -121,30 +129,11 @@ def table_exists(family: int, table: str, timeout: float = 2.0) -> "bool | None"
     """
     import _struct
 
-    try:
-        sock = _query_socket()
-    except OSError:
-        return None
-    data = b""
-    try:
-        sock.settimeout(timeout)
-        seq = _next_seq()
-        body = _struct.pack("=BBH", FAMILY[family], 0, 0) + _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-        sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body, (0, 0))
-        data = sock.recv(65536)
-    except OSError:
-        data = b""
-    msgs = headers(data, seq) if data else None
-    if not msgs or len(msgs) != 1:
-        _drop_query(sock)
-        return None
-    off, length, kind, _ = msgs[0]
-    if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
-        return True
-    if kind == NLMSG_ERROR and length >= 20:
-        err = _struct.unpack_from("=i", data, off + 16)[0]
-        return False if err == -2 else None  # ENOENT: no such table
+    for data, off, length, kind in _ask(NFT_MSG_GETTABLE, family, [(NFTA_TABLE_NAME, table)], timeout=timeout):
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+            return True
+        if kind == NLMSG_ERROR and length >= 20:
+            return False if _struct.unpack_from("=i", data, off + 16)[0] == -2 else None  # -ENOENT
     return None
 
 
@@ -184,42 +173,15 @@ def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "l
     A dump filtered to one chain: the kernel walks that chain only, where
     `iptables -C` (or -D) first fetches every rule of the table.
     """
-    import _struct
-
-    try:
-        sock = _query_socket()
-    except OSError:
-        return None
     out: "list" = []
-    clean = False  # read up to the dump's end (or its error): reusable
-    try:
-        sock.settimeout(timeout)
-        seq = _next_seq()
-        body = _struct.pack("=BBH", FAMILY[family], 0, 0)
-        body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
-        body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
-        sock.sendto(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-                    + body, (0, 0))
-        while True:
-            data = sock.recv(1 << 17)
-            msgs = headers(data, seq)
-            if not data or msgs is None:
-                return None
-            for off, length, kind, _ in msgs:
-                if kind == NLMSG_DONE:
-                    clean = off + length >= len(data)
-                    return out
-                if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
-                    # NLMSG_ERROR: no such table or chain (the dump's only answer)
-                    clean = kind == NLMSG_ERROR and off + length >= len(data)
-                    return None
-                out.append(data[off + 16:off + length])
-    except OSError:
-        return None
-    finally:
-        if not clean:
-            _drop_query(sock)
+    for data, off, length, kind in _ask(NFT_MSG_GETRULE, family, [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
+                                        dump=True, timeout=timeout):
+        if kind == NLMSG_DONE:
+            return out
+        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+            return None  # NLMSG_ERROR: no such table or chain
+        out.append(data[off + 16:off + length])
+    return None
 
 
 # --- deleting a guest's jumps and chains in one transaction -----------------
