@@ -13,9 +13,9 @@ the backend, its layout), so the engine needs no backend's syntax: it
 hands the recorded forwards to the backend as `previous` (or None: find by
 tag, when the record is pending, refused, or of another layout), and asks
 the backend to render them when it compares with a listing (sync, status,
-repair). Fast path vs slow path and the retry of the latter live in
-firewall/base.py (Backend.apply/remove); what remains per backend is its
-syntax, its batches and its teardown.
+repair). The diff, fast path vs slow path, retry, rollback and teardown
+live in firewall/converge.py (Backend.apply/remove); what remains per firewall is
+a driver (firewall/base.py): its syntax, listing and commits.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def test_nftables_deletes_a_records_elements_only_with_their_marker():
     b = NftablesBackend()
     b._transaction = lambda cmds: sent.append(cmds)  # type: ignore[method-assign]
     b._teardown_if_empty = lambda: None  # type: ignore[method-assign]
-    b._remove_fast(key, FORWARDS[:2])
+    b.remove(key, FORWARDS[:2])  # the fast path: one transaction from the record
     (cmds,) = sent
     assert cmds[-1] == nb.marker_command("delete", key, mine)
     assert sorted(e for c in cmds[:-1] for e in map(str, c["delete"]["element"]["elem"])) == sorted(

@@ -1,4 +1,5 @@
-"""Firewall backends. See base.py for the interface.
+"""Firewall backends: a driver per firewall (base.py: the interface) under
+the generic change logic (converge.py).
 
 Importing this package is cheap on purpose: the hook imports it on every
 event, and only the chosen backend's module (and, for nftables, its
@@ -12,9 +13,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional, Tuple
 
+    from vnethook.firewall.converge import Backend
+
 import os
 
-from vnethook.firewall.base import Backend, FirewallError
+from vnethook.firewall.base import FirewallError
 
 # json, re, shutil and subprocess are imported inside detect()'s helpers:
 # detection runs once and is cached, the hook's every run imports this.

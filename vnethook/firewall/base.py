@@ -1,32 +1,34 @@
-"""The one interface every firewall backend implements.
+"""The driver interface: what each firewall implements, and nothing more.
 
-Backends are the only code with firewall side effects, and the only code
-that knows a firewall's syntax. They receive planned Forwards (data) and
-the forwards they applied last time for that guest (`previous`, from the
-engine's record), and re-render both: the record holds *inputs*, never a
-backend's output, so it needs no parser per backend and a layout change is
-just a different rendering. A backend turns `previous -> forwards` into one
-atomic batch of deletions and additions, so the common path never lists
-the whole ruleset.
+A driver knows one firewall's syntax and nothing else; nobody else knows
+that syntax. It does four things:
 
-If `previous` is None (state lost, pending, or written for another
-layout), or the fast batch fails because the firewall no longer matches it
-(someone flushed it, vnethook was killed mid-change), the backend falls
-back to finding the guest's rules by their tag in the firewall and
-replacing them, still as one atomic batch.
+- `render_rules(key, forwards)`: pure. Forwards in, the guest's rules as
+  data out, keyed by a canonical string. `plan(key, old, new)` turns two
+  such renderings into the firewall's commands, and the same function gives
+  the inverse (`plan(key, new, old)`), so an addition and its deletion can
+  never disagree (firewalld's ipXtables.py/nftables.py `build_*_rules(enable)`
+  are the model).
+- `list_owned(key)`: what the firewall holds tagged as this guest's, in the
+  same canonical form (and `snapshot()`: everything, for sync and status).
+- `commit(units)`: apply planned units, each atomically (a unit is what the
+  firewall commits whole: an iptables table section, the nftables
+  transaction), raising CommitError with the units that went through.
+- `ensure_base()`, and the teardown of the base (`teardown_units`).
 
-`render()` gives the canonical strings of what `apply()` installs; the
-same canonical form is what `snapshot()` reports, so the engine can detect
-drift by comparing sets, without knowing any backend's syntax.
+The diff of the recorded and the wanted forwards, the fast path versus the
+slow path, retry, rollback and teardown when the last guest goes live once,
+in converge.py, which every driver subclasses.
 
-Ownership: everything a backend creates carries the vnethook tag (a comment
-`vnethook:<guest key>` or lives in vnethook's own chains/table). Nothing
-else is ever modified, except the single accept rule a backend must keep in
+Ownership: everything a driver creates carries the vnethook tag (a comment
+`vnethook:<guest key>`, or it lives in vnethook's own chains/table). Nothing
+else is ever modified, except the single accept rule a driver must keep in
 libvirt's forward chain, which is also tagged. A record can therefore only
-name this guest's rules: what `previous` renders to is deleted only where
-the firewall tags it as this guest's (iptables: the tag is part of every
-rule spec deleted, and guest chains are named after the key; nftables:
-the elements' comments are checked first), else the backend goes by tag.
+name this guest's rules: what a record renders to is deleted only where the
+firewall tags it as this guest's (iptables: the tag is part of every rule
+spec deleted, and guest chains are named after the key; nftables: a marker
+element that exists only for exactly what this guest installed is deleted
+in the same transaction), else the slow path goes by tag.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 # Not `from typing import TYPE_CHECKING`: the hooks never import typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional, Sequence, Set
+    from typing import Any, Dict, Hashable, List, Optional, Sequence, Set
 
 import abc
 
@@ -47,6 +49,18 @@ class FirewallError(Exception):
     """A firewall change failed. The firewall is unchanged (atomic batch)."""
 
 
+class CommitError(FirewallError):
+    """commit() stopped at a unit: `done` are the units committed before it.
+
+    The failing unit and every one after it left the firewall unchanged;
+    the generic code reverts `done` when a change (not a removal) fails.
+    """
+
+    def __init__(self, msg: str, done: Sequence[Unit] = ()) -> None:
+        super().__init__(msg)
+        self.done = list(done)
+
+
 class Snapshot(Value, frozen=False):
     """What is installed right now, as found in the firewall itself."""
 
@@ -55,8 +69,37 @@ class Snapshot(Value, frozen=False):
     problems: List[str] = factory(list)  # human-readable base issues
 
 
-class Backend(abc.ABC):
-    """Apply, remove, list and verify one guest's forwards."""
+class Unit(Value):
+    """One unit of atomicity of a planned change: committed whole or not at all.
+
+    `scope`: units of one scope go to the firewall together, in order (an
+    iptables family: one restore run; nftables: its table). `part`: which
+    unit within the scope (an iptables table section); units with the same
+    scope and part can be joined into one. `do` and `undo` are the driver's
+    commands (tuples): `undo` reverts `do` and is empty where nothing needs
+    putting back (checks, base repairs). `optional`: a teardown that may
+    fail because other guests remain: it ends its scope's run, no error.
+    """
+
+    scope: Hashable
+    part: str
+    do: tuple
+    undo: tuple = ()
+    optional: bool = False
+
+
+class Owned(Value, frozen=False):
+    """What a listing found of one guest: its rules (canonical -> data, as
+    render_rules gives them), the scopes where a base of ours exists (where
+    a removal may tear it down), and what else the driver needs to plan."""
+
+    rules: Dict[str, Any]
+    bases: List[Hashable] = factory(list)
+    context: Any = None
+
+
+class Driver(abc.ABC):
+    """One firewall's rendering, listing and committing (see module docstring)."""
 
     name: str = "abstract"
     # The iptables flavour whose filter FORWARD this backend's own jump
@@ -67,85 +110,56 @@ class Backend(abc.ABC):
     # for another layout (an older release) is not used as `previous`.
     layout: str = "abstract"
 
-    # How often the slow path is tried: a second listing after a race with
-    # libvirt or another writer (nothing else changes between attempts).
-    attempts = 2
-
-    def apply(self, key: str, forwards: Sequence[Forward], previous: Optional[Sequence[Forward]]) -> List[str]:
-        """Make guest `key`'s installed forwards exactly `forwards`.
-
-        `previous`: the forwards applied last time ([] = nothing was ever
-        installed, None = unknown: find the guest's rules by tag).
-        Atomic: either the old set or the new set is installed afterwards,
-        never a mix. Idempotent. Re-ensures the base (chains, jumps, and the
-        accept in libvirt's chain, ahead of libvirt's reject).
-        Returns render(key, forwards). Raises FirewallError on failure.
-
-        The one place that decides between the fast path (a batch from the
-        diff of `previous` and `forwards`, no listing) and the slow path
-        (list the guest's tagged rules, replace them), and retries the
-        latter; the backends implement the two paths.
-        """
-        want = self.render(key, forwards)
-        if not want:
-            self.remove(key, previous)
-            return []
-        if previous is not None:
-            try:
-                self._apply_fast(key, forwards, previous)
-                return want
-            except FirewallError:
-                pass  # the firewall no longer holds what `previous` renders to: list and replace
-        self._retry(lambda: self._apply_slow(key, forwards))
-        return want
-
-    def remove(self, key: str, previous: Optional[Sequence[Forward]]) -> None:
-        """Remove guest `key`'s forwards (`previous` as for apply). Atomic,
-        idempotent; the base goes with the last guest. Fast and slow path as
-        in apply()."""
-        if previous is not None and not previous:
-            return  # nothing was ever installed
-        if previous is not None:
-            try:
-                self._remove_fast(key, previous)
-                return
-            except FirewallError:
-                pass
-        self._retry(lambda: self._remove_slow(key))
-
-    def _retry(self, step) -> None:
-        err: Optional[FirewallError] = None
-        for _attempt in range(self.attempts):
-            try:
-                step()
-                return
-            except FirewallError as e:
-                err = e
-        assert err is not None
-        raise err
-
     @abc.abstractmethod
+    def render_rules(self, key: str, forwards: Sequence[Forward]) -> Dict[str, Any]:
+        """The guest's rules as data, keyed by canonical string, in install
+        order (pure; FirewallError if a forward cannot be rendered)."""
+
     def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
-        """The canonical strings of what apply() installs for these forwards (pure)."""
+        """The canonical strings of what apply() installs (pure). The same
+        form is what snapshot() reports, so the engine can detect drift by
+        comparing sets without knowing any firewall's syntax."""
+        return self.canonical(self.render_rules(key, forwards))
+
+    def canonical(self, rules: Dict[str, Any]) -> List[str]:
+        """render()'s list for rules render_rules gave."""
+        return list(rules)
 
     @abc.abstractmethod
-    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
-        """One atomic change from what `previous` renders to, to `forwards`'
-        (non-empty), without listing. FirewallError (firewall unchanged) if
-        the firewall does not hold `previous` as this guest's."""
+    def list_owned(self, key: str, want: Dict[str, Any]) -> Owned:
+        """What the firewall holds tagged as guest `key`'s (the slow path).
+        `want`: what is about to be installed (a driver may refuse, with
+        FirewallError, what another owner already holds)."""
 
     @abc.abstractmethod
-    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
-        """List the guest's tagged rules, replace them with `forwards`' (non-empty)."""
+    def plan(self, key: str, old: Dict[str, Any], new: Dict[str, Any], owned: Optional[Owned]) -> List[Unit]:
+        """Units that turn the guest's rules `old` into `new` (either may be
+        empty), in commit order, each with its inverse as `undo`.
+
+        `owned` None: `old` comes from the record, unverified; the units must
+        then fail (firewall unchanged) unless the firewall holds `old` as
+        this guest's. Else `old` is owned.rules, as listed."""
 
     @abc.abstractmethod
-    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
-        """Delete what `previous` (non-empty) renders to, without listing,
-        and the base if no guest is left; FirewallError as _apply_fast."""
+    def commit(self, units: List[Unit]) -> None:
+        """Apply `units` in order, each atomically; CommitError (with the
+        units done) at the first required one that fails."""
 
     @abc.abstractmethod
-    def _remove_slow(self, key: str) -> None:
-        """List the guest's tagged rules, delete them; the base if no guest is left."""
+    def teardown_units(self, scope: Hashable) -> List[Unit]:
+        """Units that remove the base in `scope`; they must fail, leaving
+        it, while any guest still has rules there."""
+
+    def last_guest(self, scope: Hashable, key: str, old: Dict[str, Any]) -> Optional[bool]:
+        """Whether `old` is all that is left in `scope` (None: unknown). An
+        optional cheap count: True lets the teardown ride in the removal's
+        own transaction, False skips it."""
+        return None
+
+    def delete_by_handle(self, scope: Hashable, key: str, old: Dict[str, Any]) -> bool:
+        """Optional: remove `old` (not the last guest) from `scope` some
+        cheaper way than commit(); False if not done (nothing changed)."""
+        return False
 
     @abc.abstractmethod
     def snapshot(self) -> Snapshot:

@@ -9,12 +9,11 @@ Every change is one `iptables-nft-restore --noflush -w` run per family,
 fed on stdin. Never one process per rule: a 1000-rule change costs the same
 single process as a 1-rule change. iptables-nft-restore commits each table
 section (`*nat` ... `COMMIT`) as its own nf_tables transaction, so a change
-is atomic per table; if a later table fails after an earlier one committed,
-the caller's fallback (list, then replace) converges the firewall in the
-same call, and if the new set cannot be installed at all, the tables
-already committed are put back to the old set. So a guest ends with its
-old rules or its new ones; only a process killed between two commits can
-leave nat from one and filter from the other, which the next apply fixes.
+is atomic per table: a table section is this driver's unit of commit
+(converge.py puts back the tables already committed when a later one
+fails, and its slow path lists and replaces). So a guest ends with its old
+rules or its new ones; only a process killed between two commits can leave
+nat from one and filter from the other, which the next apply fixes.
 The nat section carries only DNAT/masquerade, the filter section only
 accepts of DNATed connections, so such a mix is never a wider opening.
 
@@ -29,12 +28,13 @@ from __future__ import annotations
 # Not `from typing import TYPE_CHECKING`: the hooks never import typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+    from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import os
 
 from vnethook.firewall import iptables_rules as ir
-from vnethook.firewall.base import Backend, FirewallError, Snapshot
+from vnethook.firewall.base import CommitError, FirewallError, Owned, Snapshot, Unit
+from vnethook.firewall.converge import Backend
 from vnethook.model import Forward
 
 _SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -166,23 +166,22 @@ def check_key(key: str, forwards: Sequence[Forward]) -> None:
             raise FirewallError(f"forward {fw.describe()} belongs to {fw.key}, not {key}")
 
 
-class IptablesNftBackend(Backend):
-    """iptables-nft: one restore batch per family per change."""
+class IptablesBackend(Backend):
+    """The iptables driver both flavours share: one restore batch per family
+    per change. What differs between the flavours is data (tools, layout);
+    what only nf_tables can do cheaply, IptablesNftBackend adds."""
 
-    name = "iptables-nft"
-    forward_flavour = "nft"
-    # Each guest in its own chains (iptables_rules.place): with nf_tables,
-    # a change then touches only the guest's chains and its jumps.
+    name = "iptables"
+    # Each guest in its own chains (iptables_rules.place), or every guest's
+    # rules in the shared chains.
     per_guest_chains = True
     # iptables_rules' marked layout: the accept is one static rule for
     # connections that vnethook's own DNAT marked, so another tool's DNAT
     # to a forwarded guest port is still rejected by libvirt, and a
     # forward's `source` holds for the accept too (only its DNAT marks).
     marked = True
-    restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
-    save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
-    # The tables are nf_tables: nfnetlink can count, list and delete in them.
-    nf_tables = True
+    restore_tools: Dict[int, str] = {}
+    save_tools: Dict[int, str] = {}
 
     def __init__(self) -> None:
         self._paths: Dict[str, str] = {}
@@ -241,135 +240,152 @@ class IptablesNftBackend(Backend):
                 out.append("COMMIT")
         return "\n".join(out) + "\n"
 
-    # --- Backend -----------------------------------------------------------
+    # --- driver ------------------------------------------------------------
 
     @property
     def layout(self) -> str:  # type: ignore[override]
         chains = "guest-chains" if self.per_guest_chains else "shared-chains"
         return f"{chains},{'marked' if self.marked else 'accept'}"
 
-    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
+    def render_rules(self, key: str, forwards: Sequence[Forward]) -> Dict[str, Any]:
+        """Canonical rule strings (they are the data: split_canonical)."""
         check_key(key, forwards)
         try:
             new = ir.render(forwards, self.marked)
         except ValueError as e:
             raise FirewallError(f"cannot render forwards of {key}: {e}") from None
-        return [r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)]
+        return {r.canonical: r.canonical for r in (ir.place(key, new) if self.per_guest_chains else new)}
 
-    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
-        # Every line rendered from `previous` names this guest's tag or its
-        # own chains, so the batch can touch nothing else; a line the
-        # firewall does not hold fails it (and the slow path lists).
-        self._change(self.render(key, previous), self.render(key, forwards))
+    def list_owned(self, key: str, want: Dict[str, Any]) -> Owned:
+        """Both families' listings; one that fails matters only where the
+        guest is to have rules (IPv6 may be absent from the kernel)."""
+        new_by = ir.by_family(want)
+        states: Dict[int, ir.FamilyState] = {}
+        for fam in ir.FAMILIES:
+            try:
+                states[fam] = self._state(fam)
+            except FirewallError:
+                if new_by.get(fam):
+                    raise
+        rules = {r: r for st in states.values() for r in st.guests.get(key, [])}
+        # also a base left by a removal killed before its teardown
+        bases = [fam for fam, st in states.items() if st.guests.get(key) or st.present]
+        return Owned(rules, bases, states)
 
-    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
-        self._replace(key, self.render(key, forwards))
+    def plan(self, key: str, old: Dict[str, Any], new: Dict[str, Any], owned: Optional[Owned]) -> List[Unit]:
+        """Per family, per table: the lines of _plan(old, new), its inverse
+        as undo, and what the base needs.
 
-    def _change(self, previous: Iterable[str], record: List[str]) -> None:
-        """One batch per family from the record's diff; undone if it fails.
-
-        A failed batch may have committed its earlier table sections (and an
-        earlier family may be done): those are reverted with the inverse
-        plan (new -> old), so the caller's fallback starts from the old state.
+        Every line rendered from a record names this guest's tag or its own
+        chains, so the batch can touch nothing else; a line the firewall
+        does not hold fails it (and the slow path lists). Without a
+        listing, the base is checked (a missing jump or rule fails the
+        batch, which is how a vanished base sends us to the slow path);
+        with one, only what it shows wrong is repaired.
         """
-        old_by, new_by = ir.by_family(previous), ir.by_family(record)
-        done: List[tuple] = []  # (family, sections) committed so far
-        for fam in sorted(set(old_by) | set(new_by)):
-            old, new = old_by.get(fam, []), new_by.get(fam, [])
+        old_by, new_by = ir.by_family(old), ir.by_family(new)
+        fams: Iterable[int] = sorted(set(old_by) | set(new_by)) if owned is None else owned.context
+        units: List[Unit] = []
+        for fam in fams:
+            o, n = old_by.get(fam, []), new_by.get(fam, [])
             sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-            fresh = bool(new) and self._base_absent(fam)
-            if fresh:
-                self._create_base(fam, sections)
-            elif new and not self._base_in_place(fam):
-                # A missing jump (-C, or -D of FORWARD's) fails the batch,
-                # which is how a vanished base sends us to the slow path.
-                # FORWARD's jump is re-seated at position 1 every time, as
-                # libvirt may have put its own jumps ahead since; the nat
-                # jumps are only checked (every rule deletion makes the
-                # kernel wait for an RCU grace period).
-                for j in ir.base_jumps(fam, self.marked):
-                    if j.chain == "FORWARD":
-                        sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
-                    else:
-                        sections[j.table].append(f"-C {j.chain} {j.spec}")
-                # The marked layout's static rules: checked, like the jumps.
-                for (table, chain), rules in ir.base_rules(fam, self.marked).items():
-                    sections[table] += [f"-C {chain} {r.spec}" for r in rules]
-            # Shared rules this guest needs: checked (a missing one fails
-            # the batch, and the slow path adds it).
-            for r in dict.fromkeys(new):
-                if ir.is_shared(r):
-                    _, table, chain, spec = ir.split_canonical(r)
-                    sections[table].append(f"-{'A' if fresh else 'C'} {chain} {spec}")
-            self._plan(sections, old, new)
+            existing: List[Tuple[str, str]] = []
+            fresh = False
+            if owned is None:
+                if n:
+                    fresh = self._base_absent(fam)
+                    self._check_lines(fam, n, sections, fresh)
+            else:
+                st = owned.context[fam]
+                # As listed, duplicates included (a kill mid-change can leave
+                # a jump twice; each must go before its chain can).
+                o = st.guests.get(key, [])
+                existing = self._own_chains(st, key)
+                if not o and not n and not existing:
+                    continue
+                if n:
+                    flushed = self._base_lines(fam, st, sections)
+                    for r in dict.fromkeys(r for r in n if ir.is_shared(r)):
+                        _, table, chain, spec = ir.split_canonical(r)
+                        if r not in st.shared or (table, chain) in flushed:
+                            sections[table].append(f"-A {chain} {spec}")
+            self._plan(sections, o, n, existing)
             if fresh:
                 for j in ir.base_jumps(fam, self.marked):
                     sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
             undo: Dict[str, List[str]] = {"nat": [], "filter": []}
-            self._plan(undo, new, old)
-            try:
-                self._restore(fam, self._batch(sections))
-            except RestoreError as e:
-                done += [(fam, {t: undo[t]}) for t in self._committed(sections, e.line)]
-                self._undo(done)
-                raise
-            done.append((fam, undo))
+            if new:  # a removal is never reverted (converge.py)
+                self._plan(undo, n, o)
+            units += [Unit(fam, t, tuple(sections[t]), tuple(undo[t])) for t in ir.TABLES if sections[t]]
+        return units
+
+    def _check_lines(self, fam: int, new: List[str], sections: Dict[str, List[str]], fresh: bool) -> None:
+        """Lines that fail the batch unless the base and the shared rules the
+        guest needs are there (nothing, if netlink said the base is fine);
+        `fresh` (no base yet): lines that create it instead, the jumps into
+        it excepted (plan() puts them last, once the guest's chains are filled)."""
+        if fresh:
+            self._create_base(fam, sections)
+        elif not self._base_in_place(fam):
+            # FORWARD's jump is re-seated at position 1 every time, as
+            # libvirt may have put its own jumps ahead since; the nat
+            # jumps are only checked (every rule deletion makes the
+            # kernel wait for an RCU grace period).
+            for j in ir.base_jumps(fam, self.marked):
+                if j.chain == "FORWARD":
+                    sections[j.table] += [f"-D {j.chain} {j.spec}", f"-I {j.chain} 1 {j.spec}"]
+                else:
+                    sections[j.table].append(f"-C {j.chain} {j.spec}")
+            # The marked layout's static rules: checked, like the jumps.
+            for (table, chain), rules in ir.base_rules(fam, self.marked).items():
+                sections[table] += [f"-C {chain} {r.spec}" for r in rules]
+        # Shared rules this guest needs: checked (a missing one fails
+        # the batch, and the slow path adds it).
+        for r in dict.fromkeys(new):
+            if ir.is_shared(r):
+                _, table, chain, spec = ir.split_canonical(r)
+                sections[table].append(f"-{'A' if fresh else 'C'} {chain} {spec}")
 
     def _base_absent(self, fam: int) -> bool:
-        """Whether vnethook's chains seem not to exist (the first guest after
-        the last one's teardown): one O(1) netlink request.
-
-        Then the fast batch creates the base itself instead of failing on
-        its checks and sending the first guest to the listing path. It
-        creates the chains with `-N`, which fails the batch if one exists
-        after all (a wrong guess costs what the checks would have); and no
-        jump to a chain can exist without the chain.
-        """
-        if not self.nf_tables:
-            return False
-        from vnethook.firewall.nfnetlink import chain_use
-
-        return all(chain_use(fam, table, chain) is None
-                   for table, chains in ir.our_chains(self.marked).items() for chain in chains[:1])
+        """Whether vnethook's chains are known not to exist (False: unknown)."""
+        return False
 
     def _create_base(self, fam: int, sections: Dict[str, List[str]]) -> None:
         """Lines creating our chains and their base rules; the jumps into
-        them go last (see _change), once the guest's chains are filled."""
+        them go last (see plan), once the guest's chains are filled."""
         for table, chains in ir.our_chains(self.marked).items():
             sections[table] += [f"-N {c}" for c in chains]
         for (table, chain), rules in ir.base_rules(fam, self.marked).items():
             sections[table] += [f"-A {chain} {r.spec}" for r in rules]
 
     def _base_in_place(self, fam: int) -> bool:
-        """Whether every base jump is there once, FORWARD's first (False if unsure).
+        """Whether the base is known to be in place without checking it in
+        the batch (False: check it there)."""
+        return False
 
-        Asked with one netlink dump per builtin chain: `-C`/`-D` lines in the
-        batch would make the restore tool fetch every rule of both tables
-        (O(guests)). A jump is recognised by its target chain's name in the
-        rule's attributes. Only where the tables are nf_tables (not legacy).
-        """
-        if not self.nf_tables:
-            return False
-        from vnethook.firewall.nfnetlink import chain_rules
-
-        for j in ir.base_jumps(fam, self.marked):
-            rules = chain_rules(fam, j.table, j.chain)
-            if rules is None:
-                return False
-            target = j.target.encode() + b"\0"
-            if sum(1 for r in rules if target in r) != 1:
-                return False
-            if j.chain == "FORWARD" and target not in rules[0]:
-                return False
-        # Chains that hold nothing but their base rules: counted (a wrong
-        # one is found and replaced by the listing that sync does).
-        for (table, chain), base in ir.base_rules(fam, self.marked).items():
-            if chain == ir.CHAIN_SNAT:
-                continue  # also holds the subnets' hairpins
-            rules = chain_rules(fam, table, chain)
-            if rules is None or len(rules) != len(base):
-                return False
-        return True
+    def commit(self, units: List[Unit]) -> None:
+        """One restore run per family: its required tables as one step (each
+        table section commits on its own), its optional teardown as a later
+        step in the same run (one spawn; its failure is normal)."""
+        done: List[Unit] = []
+        families: List[Any] = list(dict.fromkeys(u.scope for u in units))
+        for fam in families:
+            req = [u for u in units if u.scope == fam and not u.optional]
+            opt = [u for u in units if u.scope == fam and u.optional]
+            sections = _sections(req)
+            steps = [self._batch(s) for s in (sections, _sections(opt)) if any(s.values())]
+            if not steps:
+                continue
+            try:
+                self._restore_steps(fam, steps, probe=not req)
+            except FirewallError as e:
+                if not req:
+                    continue  # only a teardown, and guests remain
+                if isinstance(e, RestoreError):
+                    went = self._committed(sections, e.line)
+                    done += [u for u in req if u.part in went]
+                raise CommitError(str(e), done) from None
+            done += req
 
     def _committed(self, sections: Dict[str, List[str]], line: Optional[int]) -> List[str]:
         """Tables of a failed batch that committed before the blamed line."""
@@ -385,15 +401,6 @@ class IptablesNftBackend(Backend):
                 break
             out.append(table)
         return out
-
-    def _undo(self, done: List[tuple]) -> None:
-        """Put committed tables back (inverse plans; FORWARD's jump stays on top)."""
-        for fam, inverse in reversed(done):
-            if any(inverse.values()):
-                try:
-                    self._restore(fam, self._batch(inverse))
-                except FirewallError:
-                    pass  # the slow path that follows lists and converges anyway
 
     @staticmethod
     def _plan(sections: Dict[str, List[str]], old: List[str], new: List[str],
@@ -450,46 +457,6 @@ class IptablesNftBackend(Backend):
         names = {p + h for p in ir.GUEST_CHAINS.values()}
         return [(t, c) for t, cs in st.guest_chains.items() for c in sorted(cs) if c in names]
 
-    def _replace(self, key: str, record: List[str], revert: bool = True) -> None:
-        """List, then replace the guest's tagged rules, family by family.
-
-        Each table commits on its own, so when a later table (or family)
-        fails, the ones already committed are put back to what the listing
-        showed: the guest ends with its old rules or its new ones.
-        """
-        new_by = ir.by_family(record)
-        states: Dict[int, ir.FamilyState] = {}
-        for fam in ir.FAMILIES:
-            try:
-                states[fam] = self._state(fam)
-            except FirewallError:
-                if new_by.get(fam):
-                    raise
-        before = [r for st in states.values() for r in st.guests.get(key, [])]
-        try:
-            for fam, st in states.items():
-                new = new_by.get(fam, [])
-                old = st.guests.get(key, [])
-                existing = self._own_chains(st, key)
-                if not old and not new and not existing:
-                    continue
-                sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-                if new:
-                    flushed = self._base_lines(fam, st, sections)
-                    for r in dict.fromkeys(r for r in new if ir.is_shared(r)):
-                        _, table, chain, spec = ir.split_canonical(r)
-                        if r not in st.shared or (table, chain) in flushed:
-                            sections[table].append(f"-A {chain} {spec}")
-                self._plan(sections, old, new, existing)
-                self._restore(fam, self._batch(sections))
-        except FirewallError:
-            if revert:
-                try:
-                    self._replace(key, before, revert=False)
-                except FirewallError:
-                    pass
-            raise
-
     def _base_lines(self, fam: int, st: ir.FamilyState, sections: Dict[str, List[str]]) -> Set[Tuple[str, str]]:
         """Lines that make chains exist and every jump exist once (FORWARD's first);
         the base chains whose declaring (flushing) they include.
@@ -523,139 +490,8 @@ class IptablesNftBackend(Backend):
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
         return flushed
 
-    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
-        for fam, old in sorted(ir.by_family(self.render(key, previous)).items()):
-            sections: Dict[str, List[str]] = {"nat": [], "filter": []}
-            self._plan(sections, old, [])
-            self._remove_family(fam, sections, old, key)
-
-    def _remove_slow(self, key: str) -> None:
-        families = set()
-        for fam in ir.FAMILIES:
-            try:
-                st = self._state(fam)
-            except FirewallError:
-                continue
-            old = st.guests.get(key, [])
-            existing = self._own_chains(st, key)
-            if old or st.present:
-                # also a base left by a removal killed before its teardown
-                families.add(fam)
-            if old or existing:
-                sections: Dict[str, List[str]] = {}
-                self._plan(sections, old, [], existing)
-                self._restore(fam, self._batch(sections))
-        for fam in sorted(families):
-            self._teardown_if_empty(fam)
-
-    def _remove_family(self, fam: int, sections: Dict[str, List[str]], old: List[str],
-                       key: Optional[str] = None) -> None:
-        removal = self._batch(sections)
-        last = self._only_guest(fam, old)
-        if last is None:
-            # The teardown rides in the same restore run (one spawn, and no
-            # wait for the run's end); its failure (other guests) is normal.
-            self._restore_steps(fam, [removal, self._teardown_batch(fam)])
-        elif last:
-            # Removal and teardown in one transaction per table: a second
-            # transaction on a table in the same run first waits for the
-            # first one's RCU grace period. If the count lied, the batch
-            # fails whole and remove() falls back to listing.
-            teardown = self._teardown_sections(fam)
-            self._restore(fam, self._batch({t: sections.get(t, []) + teardown[t] for t in ir.TABLES}))
-        elif key is None or not self._remove_by_handle(fam, key, old):
-            self._restore(fam, removal)
-
-    def _remove_by_handle(self, fam: int, key: str, old: List[str]) -> bool:
-        """Delete the guest's jumps by handle and its chains: one netlink transaction.
-
-        Why: `-D` by spec makes iptables-nft-restore fetch every rule of
-        both tables, O(guests). Here the kernel walks only the shared
-        chains, and each jump is checked to be exactly the guest's tagged
-        jump before its handle is used. False (nothing changed, or an
-        unknown outcome that the caller's listing fallback converges) when
-        the record is not plainly jumps plus own chains, or anything
-        differs from what we expect.
-        """
-        if not self.nf_tables:
-            return False
-        from vnethook.firewall import nfnetlink
-
-        tag = f"{ir.TAG}:{key}"
-        shared_of = {p: c for c, p in ir.GUEST_CHAINS.items()}
-        own: Dict[Tuple[str, str], None] = {}
-        jumps: Set[str] = set()
-        for r in old:
-            if ir.is_shared(r):
-                continue  # a subnet's hairpin is never removed with one guest
-            _, table, chain, _ = ir.split_canonical(r)
-            if ir.is_guest_chain(chain):
-                if chain != ir.guest_chain(shared_of[chain[:11]], key):
-                    return False
-                own[(table, chain)] = None
-            else:
-                jumps.add(r)
-        want: Dict[Tuple[str, str], Dict[str, str]] = {}
-        expect: Set[str] = set()
-        for table, chain in own:
-            shared = shared_of[chain[:11]]
-            expect.add(ir.Rule(fam, table, shared, chain, comment=tag).canonical)
-            want.setdefault((table, shared), {})[chain] = tag
-        if not own or jumps != expect:
-            return False
-        wanted = [(t, c, targets) for (t, c), targets in want.items()]
-        # Each jump was most likely created right after its chain's rules:
-        # asking for those few handles is O(1) in the other guests; else dump.
-        found = nfnetlink.probe_jumps(fam, wanted, len(old) + 4) or nfnetlink.find_jumps(fam, wanted)
-        if found is None:
-            return False
-        return nfnetlink.delete_batch(fam, [(t, c, h) for t, c, _, h in found], list(own))
-
-    def _only_guest(self, fam: int, old: List[str]) -> Optional[bool]:
-        """Whether `old` holds everything in the shared chains; None if unknown.
-
-        The kernel counts each chain's rules plus the jumps to it: a shared
-        chain holding only this guest's jumps counts the base jumps into it
-        plus those. One O(1) netlink request per chain, instead of a
-        teardown that fails (and waits for an RCU grace period) whenever
-        other guests remain.
-        """
-        if not self.nf_tables:
-            return None
-        from vnethook.firewall.nfnetlink import chain_use
-
-        expect = ir.base_use(fam, self.marked)
-        for r in old:
-            _, table, chain, _ = ir.split_canonical(r)
-            if (table, chain) in expect and not ir.is_shared(r):
-                expect[(table, chain)] += 1
-        # Only the shared chains a guest jumps from can tell: every guest
-        # has a jump in VNETHOOK-DNAT (a subnet's hairpin outlives its guests).
-        expect = {tc: n for tc, n in expect.items() if tc[1] in ir.GUEST_CHAINS}
-        if self.marked:
-            expect = {tc: n for tc, n in expect.items() if tc[1] == ir.CHAIN_DNAT}
-        for (table, chain), n in expect.items():
-            use = chain_use(fam, table, chain)
-            if use is None:
-                return None
-            if use != n:
-                return False
-        return True
-
-    def _teardown_if_empty(self, fam: int) -> None:
-        """Drop our chains and jumps once no guest has rules left.
-
-        Deleting a non-empty chain fails, and so does the whole table
-        section with it, so this one batch is its own emptiness test: with
-        other guests still forwarding it changes nothing.
-        """
-        try:
-            self._restore_steps(fam, [self._teardown_batch(fam)], probe=True)
-        except FirewallError:
-            pass
-
-    def _teardown_batch(self, fam: int) -> str:
-        return self._batch(self._teardown_sections(fam))
+    def teardown_units(self, scope: Any) -> List[Unit]:
+        return [Unit(scope, t, tuple(lines)) for t, lines in self._teardown_sections(scope).items() if lines]
 
     def _teardown_sections(self, fam: int) -> Dict[str, List[str]]:
         sections: Dict[str, List[str]] = {"nat": [], "filter": []}
@@ -711,3 +547,146 @@ class IptablesNftBackend(Backend):
             self._base_lines(fam, st, sections)
             if any(sections.values()):
                 self._restore(fam, self._batch(sections))
+
+
+
+def _sections(units: List[Unit]) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {"nat": [], "filter": []}
+    for u in units:
+        out[u.part] += u.do
+    return out
+
+
+class IptablesNftBackend(IptablesBackend):
+    """iptables-nft: the restore driver, plus what netlink can ask and do
+    cheaply in nf_tables (count, check the base, delete by handle)."""
+
+    name = "iptables-nft"
+    forward_flavour = "nft"
+    # Each guest in its own chains: with nf_tables, a change then touches
+    # only the guest's chains and its jumps.
+    per_guest_chains = True
+    restore_tools = {4: "iptables-nft-restore", 6: "ip6tables-nft-restore"}
+    save_tools = {4: "iptables-nft-save", 6: "ip6tables-nft-save"}
+
+    def _base_absent(self, fam: int) -> bool:
+        """Whether vnethook's chains seem not to exist (the first guest after
+        the last one's teardown): one O(1) netlink request.
+
+        Then the fast batch creates the base itself instead of failing on
+        its checks and sending the first guest to the listing path. It
+        creates the chains with `-N`, which fails the batch if one exists
+        after all (a wrong guess costs what the checks would have); and no
+        jump to a chain can exist without the chain.
+        """
+        from vnethook.firewall.nfnetlink import chain_use
+
+        return all(chain_use(fam, table, chain) is None
+                   for table, chains in ir.our_chains(self.marked).items() for chain in chains[:1])
+
+    def _base_in_place(self, fam: int) -> bool:
+        """Whether every base jump is there once, FORWARD's first (False if unsure).
+
+        Asked with one netlink dump per builtin chain: `-C`/`-D` lines in the
+        batch would make the restore tool fetch every rule of both tables
+        (O(guests)). A jump is recognised by its target chain's name in the
+        rule's attributes.
+        """
+        from vnethook.firewall.nfnetlink import chain_rules
+
+        for j in ir.base_jumps(fam, self.marked):
+            rules = chain_rules(fam, j.table, j.chain)
+            if rules is None:
+                return False
+            target = j.target.encode() + b"\0"
+            if sum(1 for r in rules if target in r) != 1:
+                return False
+            if j.chain == "FORWARD" and target not in rules[0]:
+                return False
+        # Chains that hold nothing but their base rules: counted (a wrong
+        # one is found and replaced by the listing that sync does).
+        for (table, chain), base in ir.base_rules(fam, self.marked).items():
+            if chain == ir.CHAIN_SNAT:
+                continue  # also holds the subnets' hairpins
+            rules = chain_rules(fam, table, chain)
+            if rules is None or len(rules) != len(base):
+                return False
+        return True
+
+    def last_guest(self, scope: Any, key: str, old: Dict[str, Any]) -> Optional[bool]:
+        return self._only_guest(scope, ir.by_family(old).get(scope, []))
+
+    def delete_by_handle(self, scope: Any, key: str, old: Dict[str, Any]) -> bool:
+        return self._remove_by_handle(scope, key, ir.by_family(old).get(scope, []))
+
+    def _remove_by_handle(self, fam: int, key: str, old: List[str]) -> bool:
+        """Delete the guest's jumps by handle and its chains: one netlink transaction.
+
+        Why: `-D` by spec makes iptables-nft-restore fetch every rule of
+        both tables, O(guests). Here the kernel walks only the shared
+        chains, and each jump is checked to be exactly the guest's tagged
+        jump before its handle is used. False (nothing changed, or an
+        unknown outcome that the caller's listing fallback converges) when
+        the record is not plainly jumps plus own chains, or anything
+        differs from what we expect.
+        """
+        from vnethook.firewall import nfnetlink
+
+        tag = f"{ir.TAG}:{key}"
+        shared_of = {p: c for c, p in ir.GUEST_CHAINS.items()}
+        own: Dict[Tuple[str, str], None] = {}
+        jumps: Set[str] = set()
+        for r in old:
+            if ir.is_shared(r):
+                continue  # a subnet's hairpin is never removed with one guest
+            _, table, chain, _ = ir.split_canonical(r)
+            if ir.is_guest_chain(chain):
+                if chain != ir.guest_chain(shared_of[chain[:11]], key):
+                    return False
+                own[(table, chain)] = None
+            else:
+                jumps.add(r)
+        want: Dict[Tuple[str, str], Dict[str, str]] = {}
+        expect: Set[str] = set()
+        for table, chain in own:
+            shared = shared_of[chain[:11]]
+            expect.add(ir.Rule(fam, table, shared, chain, comment=tag).canonical)
+            want.setdefault((table, shared), {})[chain] = tag
+        if not own or jumps != expect:
+            return False
+        wanted = [(t, c, targets) for (t, c), targets in want.items()]
+        # Each jump was most likely created right after its chain's rules:
+        # asking for those few handles is O(1) in the other guests; else dump.
+        found = nfnetlink.probe_jumps(fam, wanted, len(old) + 4) or nfnetlink.find_jumps(fam, wanted)
+        if found is None:
+            return False
+        return nfnetlink.delete_batch(fam, [(t, c, h) for t, c, _, h in found], list(own))
+
+    def _only_guest(self, fam: int, old: List[str]) -> Optional[bool]:
+        """Whether `old` holds everything in the shared chains; None if unknown.
+
+        The kernel counts each chain's rules plus the jumps to it: a shared
+        chain holding only this guest's jumps counts the base jumps into it
+        plus those. One O(1) netlink request per chain, instead of a
+        teardown that fails (and waits for an RCU grace period) whenever
+        other guests remain.
+        """
+        from vnethook.firewall.nfnetlink import chain_use
+
+        expect = ir.base_use(fam, self.marked)
+        for r in old:
+            _, table, chain, _ = ir.split_canonical(r)
+            if (table, chain) in expect and not ir.is_shared(r):
+                expect[(table, chain)] += 1
+        # Only the shared chains a guest jumps from can tell: every guest
+        # has a jump in VNETHOOK-DNAT (a subnet's hairpin outlives its guests).
+        expect = {tc: n for tc, n in expect.items() if tc[1] in ir.GUEST_CHAINS}
+        if self.marked:
+            expect = {tc: n for tc, n in expect.items() if tc[1] == ir.CHAIN_DNAT}
+        for (table, chain), n in expect.items():
+            use = chain_use(fam, table, chain)
+            if use is None:
+                return None
+            if use != n:
+                return False
+        return True

@@ -75,7 +75,15 @@ if TYPE_CHECKING:
 import ipaddress
 import json
 
-from vnethook.firewall.base import TAG, Backend, FirewallError, Snapshot
+from vnethook.firewall.base import (
+    TAG,
+    CommitError,
+    FirewallError,
+    Owned,
+    Snapshot,
+    Unit,
+)
+from vnethook.firewall.converge import Backend
 from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
@@ -704,76 +712,76 @@ class NftablesBackend(Backend):
 
     layout = "maps"
 
-    def _elements(self, forwards: Sequence[Forward]) -> Dict[str, Elem]:
-        """render_elements(), remembered for the last forwards: apply()
-        renders once for the record and once for the batch (a 1000-port
+    def render_rules(self, key: str, forwards: Sequence[Forward]) -> Dict[str, Any]:
+        """render_elements(), remembered for the last forwards: the engine
+        renders for the record, then apply() for the batch (a 1000-port
         range is 1000 elements)."""
         tf = tuple(forwards)
         if self._rendered is None or self._rendered[0] != tf:
             self._rendered = (tf, render_elements(tf))
         return self._rendered[1]
 
-    def render(self, key: str, forwards: Sequence[Forward]) -> List[str]:
-        return sorted(self._elements(forwards))
+    def canonical(self, rules: Dict[str, Any]) -> List[str]:
+        return sorted(rules)
 
-    def _previous(self, key: str, previous: Sequence[Forward]) -> Dict[str, Elem]:
-        """The elements `previous` renders to (FirewallError: go by tag)."""
-        if any(f.key != key for f in previous):
-            raise FirewallError(f"nftables: the recorded forwards are not all {key}'s")
-        return render_elements(previous)
+    def list_owned(self, key: str, want: Dict[str, Any]) -> Owned:
+        """The guest's elements by their comment, its markers, and which
+        wanted elements another owner holds (refused by plan())."""
+        found, markers, clashes = self._guest_elements(key, want)
+        return Owned(found, [TABLE], (markers, clashes))
 
-    def _apply_fast(self, key: str, forwards: Sequence[Forward], previous: Sequence[Forward]) -> None:
-        want = self._elements(forwards)
-        prev = self._previous(key, previous)
-        gone = [e for t, e in prev.items() if t not in want]
-        fixes, _problems = self._libvirt_fixes()
-        # Re-adding what is already there is a no-op for identical
-        # elements, and restores them if someone flushed our table. The old
-        # marker's delete fails the batch unless `previous` is what is
-        # installed as this guest's (guest_marker).
-        # (`previous` empty: nothing installed, so no marker to delete.)
-        old_marker = [marker_command("delete", key, prev)] if prev else []
-        err = self._write(base_commands() + fixes + element_commands("delete", gone)
-                          + old_marker + self._adds(key, want))
-        if err is not None:
-            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+    def plan(self, key: str, old: Dict[str, Any], new: Dict[str, Any], owned: Optional[Owned]) -> List[Unit]:
+        """One transaction: element deletions and additions, the guest's
+        marker, and (when adding) the base and libvirt's accept.
+
+        Re-adding what is already there is a no-op for identical elements,
+        and restores them if someone flushed our table. Without a listing,
+        the old marker's delete fails the batch unless `old` is what is
+        installed as this guest's (guest_marker); an empty `old` means
+        nothing was installed, so there is no marker to delete. `undo` stays
+        empty: the transaction is the whole change.
+        """
+        if owned is None:
+            markers = [marker_command("delete", key, old)] if old else []
+        else:
+            values, clashes = owned.context
+            if clashes and new:
+                raise FirewallError(
+                    f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
+                    + "; ".join(clashes[:5])
+                    + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+                )
+            markers = [marker_command("delete", key, value=v) for v in values]
+        gone = [e for t, e in old.items() if t not in new] if new else list(old.values())
+        cmds = element_commands("delete", gone) + markers
+        if new:
+            fixes, _problems = self._libvirt_fixes()
+            cmds = base_commands() + fixes + cmds + self._adds(key, new)
+        return [Unit(TABLE, TABLE, tuple(cmds))] if cmds else []
 
     @staticmethod
     def _adds(key: str, want: Dict[str, Elem]) -> List[dict]:
         return element_commands("add", want.values(), key) + [marker_command("add", key, want)]
 
-    def _apply_slow(self, key: str, forwards: Sequence[Forward]) -> None:
-        want = self._elements(forwards)
-        found, markers, clashes = self._guest_elements(key, want)
-        if clashes:
-            raise FirewallError(
-                f"nftables: cannot apply forwards of {key}: already forwarded for another guest: "
-                + "; ".join(clashes[:5])
-                + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
-            )
-        fixes, _problems = self._libvirt_fixes()
-        gone = [e for t, e in found.items() if t not in want]
-        cmds = base_commands() + fixes + element_commands("delete", gone)
-        cmds += [marker_command("delete", key, value=v) for v in markers]
-        err = self._write(cmds + self._adds(key, want))
-        if err is not None:
-            raise FirewallError(f"nftables: cannot apply forwards of {key}: {err}")
+    def commit(self, units: List[Unit]) -> None:
+        """Each unit is one transaction; one that adds declares our maps first."""
+        done: List[Unit] = []
+        for u in units:
+            if u.part == "teardown":
+                self._teardown_if_empty()
+                continue
+            cmds = list(u.do)
+            adds = any("add" in c for c in cmds)
+            err = self._write(cmds) if adds else self._transaction(cmds)
+            if err is not None:
+                what = "apply" if adds else "remove"
+                raise CommitError(f"nftables: cannot {what} forwards: {err}", done)
+            done.append(u)
 
-    def _remove_fast(self, key: str, previous: Sequence[Forward]) -> None:
-        prev = self._previous(key, previous)
-        err = self._transaction(element_commands("delete", prev.values()) + [marker_command("delete", key, prev)])
-        if err is not None:
-            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
-        self._teardown_if_empty()
-
-    def _remove_slow(self, key: str) -> None:
-        found, markers, _clashes = self._guest_elements(key)
-        cmds = element_commands("delete", found.values())
-        cmds += [marker_command("delete", key, value=v) for v in markers]
-        err = self._transaction(cmds)
-        if err is not None:
-            raise FirewallError(f"nftables: cannot remove forwards of {key}: {err}")
-        self._teardown_if_empty()
+    def teardown_units(self, scope: Any) -> List[Unit]:
+        """Whether any guest is left is read from set `guests` (cheap), not
+        tested by a failing batch: _teardown_if_empty()."""
+        return [Unit(TABLE, "teardown", ())]
 
     def _list_guests_set(self) -> Optional[str]:
         """Set `guests` in nft's text form (cheap), or None if it is missing."""
