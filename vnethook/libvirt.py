@@ -406,24 +406,23 @@ def _subnet(el, source: str) -> Subnet:
     address = _attr(el, "", "address")
     if not address:
         raise LibvirtDataError(f"{where}: <ip> has no address")
-    import ipaddress
+    from vnethook import addr
 
     prefix = _attr(el, "", "prefix")
     netmask = _attr(el, "", "netmask")
     try:
         if prefix is not None:
-            iface = ipaddress.ip_interface(f"{address}/{int(prefix)}")
+            version, ip, plen, cidr = addr.interface(address, str(int(prefix)))
         elif netmask is not None:
-            iface = ipaddress.ip_interface(f"{address}/{netmask}")
+            version, ip, plen, cidr = addr.interface(address, netmask)
         else:  # libvirt's defaults: classful for IPv4 is long gone; it uses /24 and /64
-            iface = ipaddress.ip_interface(f"{address}/{24 if family == 'ipv4' else 64}")
+            version, ip, plen, cidr = addr.interface(address, "24" if family == "ipv4" else "64")
     except ValueError as e:
         raise LibvirtDataError(f"{where}: bad <ip> address/prefix: {e}") from None
     want = 4 if family == "ipv4" else 6
-    if iface.version != want:
+    if version != want:
         raise LibvirtDataError(f"{where}: <ip family='{family}'> has address {address}")
-    return Subnet(family=want, address=str(iface.ip), prefix=iface.network.prefixlen,
-                  cidr=str(iface.network))
+    return Subnet(family=want, address=ip, prefix=plen, cidr=cidr)
 
 
 def parse_network(data: bytes, source: str = "stdin") -> Network:
@@ -466,10 +465,10 @@ def _valid_ip(value: object) -> Optional[str]:
     if len(parts) == 4 and all(len(p) <= 3 and p.isdigit() and p.isascii() and (p == "0" or p[0] != "0")
                                and int(p) < 256 for p in parts):
         return value  # a canonical dotted quad, as ipaddress would print it
-    import ipaddress
+    from vnethook import addr
 
     try:
-        return str(ipaddress.ip_address(value.strip().strip("[]")))
+        return addr.compressed(value.strip().strip("[]"))
     except ValueError:
         return None
 
@@ -580,7 +579,7 @@ def _memo(path: str, kind: str, parse):
 
 
 def _parse_leases(path: str) -> "LeaseList":
-    import json
+    from vnethook import jsonlite
 
     data = _read_file(path)
     if data is None:
@@ -592,13 +591,26 @@ def _parse_leases(path: str) -> "LeaseList":
     if not text.strip():
         return LeaseList()
     try:
-        doc = json.loads(text)
+        doc = jsonlite.loads(text)  # the json module only to word an error
+    except ValueError:
+        doc = _json_error(path, text)
+    return _leases_from(path, doc)
+
+
+def _json_error(path: str, text: str):
+    import json
+
+    try:
+        return json.loads(text)
     except ValueError as e:
         line = getattr(e, "lineno", None)
         msg = getattr(e, "msg", str(e))
         raise LibvirtDataError(f"{_where(path, line)}: not valid JSON: {msg}") from None
     except RecursionError:
         raise LibvirtDataError(f"{path}: JSON nested too deeply") from None
+
+
+def _leases_from(path: str, doc: object) -> "LeaseList":
     if not isinstance(doc, list):
         raise LibvirtDataError(f"{path}: expected a JSON array of leases, got {type(doc).__name__}")
     return LeaseList(lease for lease in map(_lease, doc) if lease is not None)
@@ -627,7 +639,7 @@ def find_lease(leases: Iterable[Lease], mac: str, family: int = 4) -> Optional[L
     """The lease of one NIC for one family; the one expiring last wins (a
     re-lease after a reboot is newer than a stale entry), never-expiring
     (0) beats everything."""
-    import ipaddress
+    from vnethook import addr
 
     want = normalize_mac(mac)
     if want is None:
@@ -638,7 +650,7 @@ def find_lease(leases: Iterable[Lease], mac: str, family: int = 4) -> Optional[L
         if normalize_mac(lease.mac) != want:
             continue
         try:
-            if ipaddress.ip_address(lease.ip).version != family:
+            if addr.family(lease.ip) != family:
                 continue
         except ValueError:
             continue

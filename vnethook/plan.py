@@ -12,8 +12,6 @@ the caller can arrange to come back when the lease appears.
 
 from __future__ import annotations
 
-import ipaddress
-
 from vnethook.model import Forward
 
 
@@ -64,8 +62,10 @@ def _all_pending(guest, why):
     return tuple(out)
 
 
-def _family(addr: str) -> int:
-    return ipaddress.ip_address(addr).version
+def _family(text: str) -> int:
+    from vnethook import addr
+
+    return addr.family(text)
 
 
 def _pick_nic(guest, domain):
@@ -96,10 +96,11 @@ def _looks_like_mac(s: str) -> bool:
     )
 
 
-def _subnet_for(network, addr: str):
-    ip = ipaddress.ip_address(addr)
+def _subnet_for(network, text: str):
+    from vnethook import addr
+
     for s in network.subnets:
-        if s.family == ip.version and ip in ipaddress.ip_network(s.cidr, strict=False):
+        if addr.in_network(text, s.cidr):
             return s
     return None
 

@@ -147,52 +147,22 @@ def key_of(spec: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _packed(addr: str, family: int) -> Optional[bytes]:
-    """The address's bytes if `addr` is already in ipaddress' compressed form.
+def _addr(text: str, family: int) -> str:
+    """`text` as ipaddress prints it (compressed)."""
+    from vnethook import addr
 
-    Why: rendering runs on `stopped` too (records hold forwards), and
-    importing ipaddress (functools with it) costs as much as the rest of
-    that event. inet_ntop(inet_pton(text)) == text says the text is
-    canonical, except for embedded IPv4 in IPv6, where the two printers
-    differ: ipaddress decides those (None).
-    """
-    import _socket
-
-    if family == 6 and "." in addr:
-        return None
-    af = _socket.AF_INET if family == 4 else _socket.AF_INET6
-    try:
-        packed = _socket.inet_pton(af, addr)
-        return packed if _socket.inet_ntop(af, packed) == addr else None
-    except (OSError, ValueError, TypeError):
-        return None
+    return addr.compressed(text)
 
 
-def _addr(addr: str, family: int) -> str:
-    """`addr` as ipaddress prints it (compressed)."""
-    if _packed(addr, family) is not None:
-        return addr
-    import ipaddress
-
-    return ipaddress.ip_address(addr).compressed
-
-
-def _host(addr: str, family: int) -> str:
-    return f"{_addr(addr, family)}/{32 if family == 4 else 128}"
+def _host(text: str, family: int) -> str:
+    return f"{_addr(text, family)}/{32 if family == 4 else 128}"
 
 
 def _net(cidr: str) -> str:
     """`cidr` as ipaddress.ip_network(strict=False) prints it."""
-    addr, _, plen = cidr.partition("/")
-    family = 6 if ":" in addr else 4
-    bits = 32 if family == 4 else 128
-    packed = _packed(addr, family)
-    if packed is not None and plen.isdigit() and str(int(plen)) == plen and int(plen) <= bits:
-        if int.from_bytes(packed, "big") & ((1 << (bits - int(plen))) - 1) == 0:
-            return cidr
-    import ipaddress
+    from vnethook import addr
 
-    return ipaddress.ip_network(cidr, strict=False).compressed
+    return addr.network(cidr)
 
 
 def _ports(lo: int, hi: int, sep: str = ":") -> str:

@@ -72,9 +72,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import ipaddress
 import json
 
+from vnethook import addr
 from vnethook.firewall.base import (
     TAG,
     CommitError,
@@ -224,16 +224,16 @@ def _payload(protocol: str, field: str) -> dict:
 
 
 def _prefix_json(cidr: str) -> dict:
-    net = ipaddress.ip_network(cidr, strict=False)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    net, _, plen = _net(cidr).partition("/")
+    return {"prefix": {"addr": net, "len": int(plen)}}
 
 
 def _addr(text: str) -> str:
-    return ipaddress.ip_address(text).compressed
+    return addr.compressed(text)
 
 
 def _net(text: str) -> str:
-    return ipaddress.ip_network(text, strict=False).with_prefixlen
+    return addr.network(text)
 
 
 # --------------------------------------------------------------------------
@@ -256,20 +256,24 @@ def _forward_elements(f: Forward) -> List[Elem]:
             raise ValueError(f"family {f.family!r}")
         if f.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {f.protocol!r}")
-        guest = ipaddress.ip_address(f.guest_address)
-        if guest.version != f.family:
+        if addr.family(f.guest_address) != f.family:
             raise ValueError(f"guest address {f.guest_address} is not IPv{f.family}")
+        guest = addr.compressed(f.guest_address)
         host = None
         if f.host_address is not None:
-            h = ipaddress.ip_address(f.host_address)
-            if h.version != f.family:
+            if addr.family(f.host_address) != f.family:
                 raise ValueError(f"host address {f.host_address} is not IPv{f.family}")
-            host = h.compressed
+            host = addr.compressed(f.host_address)
         hlo, hhi = f.host_ports
         glo, ghi = f.guest_ports
         if not (0 < hlo <= hhi <= 65535 and 0 < glo <= ghi <= 65535) or hhi - hlo != ghi - glo:
             raise ValueError(f"port ranges {hlo}-{hhi} -> {glo}-{ghi}")
-        nets = [ipaddress.ip_network(s, strict=False) for s in f.sources]
+        if f.sources:
+            import ipaddress
+
+            nets = [ipaddress.ip_network(s, strict=False) for s in f.sources]
+        else:
+            nets = []
     except ValueError as exc:
         raise FirewallError(f"{where}cannot render forward {f.describe()}: {exc}") from None
     sources: List[Optional[str]]
@@ -284,7 +288,7 @@ def _forward_elements(f: Forward) -> List[Elem]:
     out: List[Elem] = []
     for src in sources:
         for i in range(hhi - hlo + 1):
-            out.append(FwdElem(f.family, f.protocol, host, hlo + i, src, guest.compressed, glo + i))
+            out.append(FwdElem(f.family, f.protocol, host, hlo + i, src, guest, glo + i))
     return out
 
 
@@ -301,7 +305,7 @@ def guest_marker(key: str, elements: Iterable[str] = ()) -> str:
     (Releases before this one used the key alone: their markers go by tag.)
     """
     data = key.encode("utf-8") + b"".join(b"\n" + e.encode("utf-8") for e in sorted(elements))
-    return str(ipaddress.IPv6Address(_sha256(data).digest()[:16]))
+    return addr.from_bytes(_sha256(data).digest()[:16])
 
 
 def marker_command(op: str, key: str, elements: Iterable[str] = (), value: Optional[str] = None) -> dict:
@@ -523,6 +527,8 @@ def _listed_net(v: Any) -> str:
         p = v["prefix"]
         return _net(f"{p['addr']}/{p['len']}")
     if isinstance(v, dict) and "range" in v:
+        import ipaddress
+
         lo, hi = (ipaddress.ip_address(x) for x in v["range"])
         nets: list = list(ipaddress.summarize_address_range(lo, hi))
         if len(nets) == 1:

@@ -320,8 +320,6 @@ def views(flavours: "Iterable[str]" = FLAVOURS, skip: "Iterable[Tuple[str, int]]
     Legacy is listed only where its filter table is loaded: listing it
     would load the x_tables modules.
     """
-    from vnethook.firewall.iptables_nft import find_tool, run_tool
-
     out: "Dict[Tuple[str, int], Optional[FilterView]]" = {}
     legacy = legacy_loaded()
     nft = _nft_filter_tables()
@@ -334,6 +332,8 @@ def views(flavours: "Iterable[str]" = FLAVOURS, skip: "Iterable[Tuple[str, int]]
                 # that does not exist; adding to them would create it.
                 out[(flavour, fam)] = None
                 continue
+            from vnethook.firewall.iptables_nft import find_tool, run_tool
+
             tool = f"ip{'6' if fam == 6 else ''}tables-{flavour}-save"
             try:
                 status, text, _err, _ = run_tool([find_tool(tool), "-t", "filter"])
@@ -347,14 +347,14 @@ def ensure(active: bool, covered: "Optional[str]" = None) -> "List[str]":
     """Put our accept where every other manager's FORWARD needs it (or take
     it away when `active` is false). `covered`: the flavour whose FORWARD
     vnethook's own jump already serves. Returns what could not be done."""
-    from vnethook.firewall.iptables_nft import find_tool, run_tool
-
     problems = []
     skip = [("nft", fam) for fam in (4, 6) if covered == "nft" and _covered_nft_untouched(fam)]
     for (flavour, fam), view in views(skip=skip).items():
         lines = changes(view, active, covered == flavour)
         if not lines:
             continue
+        from vnethook.firewall.iptables_nft import find_tool, run_tool
+
         tool = f"ip{'6' if fam == 6 else ''}tables-{flavour}-restore"
         batch = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
         try:
