@@ -39,22 +39,28 @@ _encode = (_json.make_encoder(None, None, _json.encode_basestring_ascii, None,  
 
 
 def loads(data: "bytes | str"):
-    """Like json.loads (UTF-8 bytes or text); ValueError if it is not one JSON document."""
-    if _scan is None:  # pragma: no cover
-        import json
+    """Like json.loads (UTF-8 bytes or text); ValueError if it is not one JSON document.
 
-        return json.loads(data)
+    Only a document that parses goes through the C scanner alone: the
+    scanner's errors are raised through json.decoder (it looks the error
+    class up in sys.modules, and fails oddly when json was never imported),
+    so anything else is parsed again by the json module, for its error.
+    """
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-    text = text.strip(" \t\n\r")
+    if _scan is not None:
+        stripped = text.strip(" \t\n\r")
+        try:
+            value, end = _scan(stripped, 0)
+            if end == len(stripped):
+                return value
+        except (StopIteration, ValueError, SystemError, RecursionError):
+            pass
+    import json
+
     try:
-        value, end = _scan(text, 0)
-    except StopIteration as e:
-        raise ValueError(f"not JSON at character {e.value}") from None
+        return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    if end != len(text):
-        raise ValueError(f"extra data at character {end}")
-    return value
 
 
 def dumps(value) -> str:

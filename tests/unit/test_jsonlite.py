@@ -59,3 +59,23 @@ def test_importing_it_imports_neither_json_nor_re():
     out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r}); {code}"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_refusals_in_a_process_that_never_imported_json():
+    """The C scanner raises its errors through json.decoder, which it only
+    finds in sys.modules: without the json module loaded (the hook's case),
+    a malformed record must still be a ValueError, not a SystemError."""
+    code = ("from vnethook import jsonlite\n"
+            "out = []\n"
+            "for bad in ['', '{', '[1,', '{\"a\" 1}', '\\x00', '[' * 100000, '{} x', b'\\xff']:\n"
+            "    try:\n"
+            "        jsonlite.loads(bad)\n"
+            "        out.append('accepted')\n"
+            "    except ValueError:\n"
+            "        out.append('ValueError')\n"
+            "    except BaseException as e:\n"
+            "        out.append(type(e).__name__)\n"
+            "print(out, jsonlite.loads('{\"ok\": [1]}'))\n")
+    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r})\n{code}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(["ValueError"] * 8) + " {'ok': [1]}"

@@ -151,6 +151,7 @@ MAPS: Tuple[MapSpec, ...] = tuple(
     for host, sourced in ((True, True), (True, False), (False, True), (False, False))
 )
 _MAPS_BY_NAME = {m.name: m for m in MAPS}
+_MAPS_BY_KEY = {(m.family, m.host, m.sourced): m for m in MAPS}
 GUESTS_SET = "guests"
 
 CHAINS = (
@@ -176,7 +177,8 @@ class FwdElem(Value):
 
     @property
     def map(self) -> MapSpec:
-        return MapSpec(self.family, self.host is not None, self.source is not None)
+        # A lookup, not a new MapSpec: a 1000-port range asks 1000 elements.
+        return _MAPS_BY_KEY[(self.family, self.host is not None, self.source is not None)]
 
     @property
     def set_name(self) -> str:
