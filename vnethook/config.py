@@ -24,6 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
+# _collections_abc, not collections.abc: the interpreter has loaded it already.
+from _collections_abc import Mapping as _Mapping
+
 from vnethook.model import Value
 
 TYPE_CHECKING = False
@@ -277,11 +280,46 @@ def _to_blob(cfg: Config) -> tuple:
 
 def _from_blob(data) -> Config:
     settings, guests, files = data
-    out = {}
-    for name, addrs, iface, allow, rules, origin in guests:
-        fw = tuple(PortRule(p, h, tuple(hp), tuple(gp), tuple(src), o) for p, h, hp, gp, src, o in rules)
-        out[name] = GuestConfig(name, tuple(addrs), iface, bool(allow), fw, origin)
-    return Config(Settings(*settings), out, tuple(files))
+    return Config(Settings(*settings), _LazyGuests({g[0]: g for g in guests}), tuple(files))
+
+
+def _guest_from_blob(name, addrs, iface, allow, rules, origin) -> GuestConfig:
+    fw = tuple(PortRule(p, h, tuple(hp), tuple(gp), tuple(src), o) for p, h, hp, gp, src, o in rules)
+    return GuestConfig(name, tuple(addrs), iface, bool(allow), fw, origin)
+
+
+class _LazyGuests(_Mapping):
+    """Config.guests from the cache, each guest built when first asked for.
+
+    Why: a hook event wants one guest of the map, and building every
+    guest's objects made each event cost more with every guest in the map
+    (the "1000 other guests" figures). A read-only mapping like the dict
+    that load_config() gives (equal to it, and dict() of it is one).
+    """
+
+    __slots__ = ("_raw", "_built")
+
+    def __init__(self, raw: dict) -> None:
+        self._raw = raw
+        self._built: dict = {}
+
+    def __getitem__(self, name):
+        g = self._built.get(name)
+        if g is None:
+            g = self._built[name] = _guest_from_blob(*self._raw[name])
+        return g
+
+    def __contains__(self, name) -> bool:
+        return name in self._raw
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def _write_cache(paths, key, racy, cfg: Config) -> None:

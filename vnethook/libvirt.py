@@ -458,15 +458,12 @@ def _network_from(root, source: str) -> Network:
 
 
 def _valid_ip(value: object) -> Optional[str]:
-    if not isinstance(value, str):
-        return None
-    parts = value.split(".")
-    # len(p) <= 3 first: int() refuses over 4300 digits (ValueError, not a skip)
-    if len(parts) == 4 and all(len(p) <= 3 and p.isdigit() and p.isascii() and (p == "0" or p[0] != "0")
-                               and int(p) < 256 for p in parts):
-        return value  # a canonical dotted quad, as ipaddress would print it
     from vnethook import addr
 
+    if not isinstance(value, str):
+        return None
+    if addr.packed(value, 4) is not None:
+        return value  # a canonical dotted quad, as ipaddress would print it
     try:
         return addr.compressed(value.strip().strip("[]"))
     except ValueError:
@@ -632,7 +629,7 @@ def _lease(entry: object) -> Optional[Lease]:
     hostname = entry.get("hostname")
     if not isinstance(hostname, str) or not hostname:
         hostname = None
-    return Lease(ip=ip, mac=mac, expiry=expiry, hostname=hostname)
+    return Lease(ip, mac, expiry, hostname)  # positional: a lease file has 1000s
 
 
 def find_lease(leases: Iterable[Lease], mac: str, family: int = 4) -> Optional[Lease]:
