@@ -246,3 +246,22 @@ def test_warm_cache_costs_little_over_importing_paths(env, tmp_path):
     best = min(float(_run(env, timing, extra)) for _ in range(7))
     print(f"warm config load: {best * 1000:.2f} ms")
     assert best < 0.004, f"warm config load took {best * 1000:.2f} ms"
+
+
+def test_the_cached_map_builds_only_the_guests_asked_for(env):
+    """From the cache, Config.guests is a read-only mapping equal to the
+    parsed map's dict, building a guest's objects only when it is asked for
+    (a hook wants one guest of a map of any size)."""
+    write(os.path.join(env.config, "ports.d", "many.yaml"),
+          "guests:\n" + "".join(f"  g{i}:\n    forward: ['{9000 + i}:80']\n" for i in range(50)))
+    parsed = config.load_config(env)
+    load_config_cached(env)
+    cached = load_config_cached(env)
+    guests = cached.guests
+    assert not isinstance(guests, dict) and guests._built == {}
+    assert guests["g7"] == parsed.guests["g7"] and list(guests._built) == ["g7"]
+    assert "g49" in guests and "nope" not in guests and guests.get("nope") is None and len(guests) == 51
+    assert list(guests) == list(parsed.guests)
+    assert cached == parsed and dict(guests) == parsed.guests
+    with pytest.raises(TypeError):
+        guests["g1"] = None  # type: ignore[index]
