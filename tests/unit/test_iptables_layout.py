@@ -269,9 +269,11 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
 def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
     """The first guest (no base yet) takes the fast path, which creates the
     base itself: the kernel then holds exactly what the listing path
-    builds, removal gives back exactly libvirt's rules, and a base that
-    exists after all (a wrong guess) fails that batch and the listing path
-    converges. In a private network namespace, with libvirt's rules."""
+    builds, removal gives back exactly libvirt's rules; after the tables
+    were deleted under a recorded guest (firewalld's reload) the fast path
+    puts everything back, not only the base; and a base that exists after
+    all (a wrong guess) fails that batch and the listing path converges.
+    In a private network namespace, with libvirt's rules."""
     code = textwrap.dedent("""
         import json, subprocess, sys
         sys.path.insert(0, %r)
@@ -308,11 +310,23 @@ def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
         out["clean after remove"] = rules(save()) == clean
         be.apply(key, fws, None)
         out["same as listing path"] = rules(save()) == fast
+        # firewalld's reload: every iptables-nft table deleted, libvirt puts
+        # its own rules back, the record is unchanged: the fast path must
+        # add everything again, not only the base
+        for fam in ("ip", "ip6"):
+            for table in ("filter", "nat", "mangle"):
+                subprocess.run(["nft", "delete", "table", fam, table], capture_output=True)
+        for tool, f in (("iptables-nft-restore", "libvirt-iptables-v4.rules"),
+                        ("ip6tables-nft-restore", "libvirt-iptables-v6.rules")):
+            subprocess.run([tool], stdin=open(R + "/" + f), check=True)
+        tried.clear()
+        be.apply(key, fws, fws)
+        out["after a flush"] = [tried == [], rules(save()) == fast]
         # the base exists, yet the fast path is told it does not: -N fails, listing converges
         be._base_absent = lambda fam: True
         be.apply(key, fws[1:], fws)
         v4 = subprocess.run(["iptables-nft-save"], capture_output=True, text=True, check=True).stdout
-        out["wrong guess converged"] = tried == ["slow", "slow"] and "8080" not in v4 and "dport 53" in v4
+        out["wrong guess converged"] = tried == ["slow"] and "8080" not in v4 and "dport 53" in v4
         be.remove(key, fws[1:])
         out["clean at the end"] = rules(save()) == clean
         print(json.dumps(out))
@@ -322,7 +336,8 @@ def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out == {"absent": [True, True], "fast": True, "present": [False, False], "clean after remove": True,
-                   "same as listing path": True, "wrong guess converged": True, "clean at the end": True}, out
+                   "same as listing path": True, "after a flush": [True, True], "wrong guess converged": True,
+                   "clean at the end": True}, out
 
 
 @pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")

@@ -295,6 +295,11 @@ class IptablesBackend(Backend):
                 if n:
                     fresh = self._base_absent(fam)
                     self._check_lines(fam, n, sections, fresh)
+                    if fresh:
+                        # Without the base none of the guest's rules can be
+                        # there either (a flushed table, firewalld's reload):
+                        # whatever the record says, everything is added.
+                        o = []
             else:
                 st = owned.context[fam]
                 # As listed, duplicates included (a kill mid-change can leave
