@@ -315,9 +315,6 @@ class IptablesBackend(Backend):
                         if r not in st.shared or (table, chain) in flushed:
                             sections[table].append(f"-A {chain} {spec}")
             self._plan(sections, o, n, existing)
-            if fresh:
-                for j in ir.base_jumps(fam, self.marked):
-                    sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
             undo: Dict[str, List[str]] = {"nat": [], "filter": []}
             if new:  # a removal is never reverted (converge.py)
                 self._plan(undo, n, o)
@@ -327,8 +324,7 @@ class IptablesBackend(Backend):
     def _check_lines(self, fam: int, new: List[str], sections: Dict[str, List[str]], fresh: bool) -> None:
         """Lines that fail the batch unless the base and the shared rules the
         guest needs are there (nothing, if netlink said the base is fine);
-        `fresh` (no base yet): lines that create it instead, the jumps into
-        it excepted (plan() puts them last, once the guest's chains are filled)."""
+        `fresh` (no base yet): lines that create it instead."""
         if fresh:
             self._create_base(fam, sections)
         elif not self._base_in_place(fam):
@@ -356,12 +352,16 @@ class IptablesBackend(Backend):
         return False
 
     def _create_base(self, fam: int, sections: Dict[str, List[str]]) -> None:
-        """Lines creating our chains and their base rules; the jumps into
-        them go last (see plan), once the guest's chains are filled."""
+        """Lines creating our chains, their base rules and the jumps into
+        them, in the order the listing path's _base_lines() uses (each table
+        commits whole either way; the same order keeps `nft list` the same
+        whichever path built the base)."""
         for table, chains in ir.our_chains(self.marked).items():
             sections[table] += [f"-N {c}" for c in chains]
         for (table, chain), rules in ir.base_rules(fam, self.marked).items():
             sections[table] += [f"-A {chain} {r.spec}" for r in rules]
+        for j in ir.base_jumps(fam, self.marked):
+            sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
 
     def _base_in_place(self, fam: int) -> bool:
         """Whether the base is known to be in place without checking it in
