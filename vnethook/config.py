@@ -338,8 +338,23 @@ def _write_cache(paths, key, racy, cfg: Config) -> None:
         pass
 
 
+# The blob fast_view() has just found valid, for the next load_config_cached()
+# of the same event (see there).
+_checked: list = []
+
+
 def load_config_cached(paths) -> Config:
-    """load_config(), but from the compiled cache when nothing changed."""
+    """load_config(), but from the compiled cache when nothing changed.
+
+    The hook checks the cache in libvirt's process (fast_view) and, when
+    there is work, loads the map in the worker it forks: that load takes
+    the blob the check just validated instead of reading and checking it
+    again. Once only, so that no long-running process ever reuses an old
+    check."""
+    if _checked:
+        where, blob = _checked.pop()
+        if where == paths.config_cache:
+            return _from_blob(blob[3])
     blob = _read_cache(paths)
     if blob is not None:
         try:
@@ -382,9 +397,11 @@ def fast_view(paths) -> tuple | None:
     try:
         if not _cache_matches(blob, paths):
             return None
-        return frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
+        view = frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
     except Exception:
         return None
+    _checked[:] = [(paths.config_cache, blob)]
+    return view
 
 
 def on_error_hint(paths) -> str:
