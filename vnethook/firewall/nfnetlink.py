@@ -34,7 +34,8 @@ def _attr(kind: int, value: bytes) -> bytes:
 
 
 def _query_socket():
-    """The process's one socket for GET requests, created on first use.
+    """The process's one nfnetlink socket (GET requests and delete_batch),
+    created on first use.
 
     Reused, never closed by us: closing an nfnetlink socket after a commit
     that deleted rules waits for their RCU grace period (see
@@ -485,9 +486,6 @@ def find_jumps(family: int, wanted: "list", timeout: float = 2.0) -> "list | Non
     return found
 
 
-_batch_sock: list = []
-
-
 def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.0) -> bool:
     """Delete rules by handle, then flush and delete chains: one transaction.
 
@@ -507,9 +505,7 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
         return _attr(kind, text.encode() + b"\0")
 
     fam = FAMILY[family]
-    if not _seq[0]:
-        _seq[0] = (os.getpid() << 8) & 0x3FFFFFFF or 1
-    base = _seq[0]
+    base = _next_seq()
     parts = [msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, base, 0, NFNL_SUBSYS_NFTABLES, b"")]
     seqs = []
     sub = NFNL_SUBSYS_NFTABLES << 8
@@ -524,7 +520,7 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
     _seq[0] = base + len(ops) + 2
 
     try:
-        sock = _batch_sock[0] if _batch_sock else _socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)
+        sock = _query_socket()  # closed after exit: this commit deletes
     except OSError:
         return False
     ok = False
@@ -555,15 +551,8 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
     except OSError:
         return False
     finally:
-        if ok:
-            if not _batch_sock:
-                _batch_sock.append(sock)
-                hold_past_exit(sock)
-        else:
-            # Unknown state of the socket (stale answers): never reuse it.
-            if _batch_sock:
-                _batch_sock.clear()
-            sock.close()
+        if not ok:
+            _drop_query()  # stale answers may wait in it
 
 
 _held: list = []
