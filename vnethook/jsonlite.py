@@ -58,9 +58,14 @@ def loads(data: "bytes | str"):
     import json
 
     try:
-        return json.loads(text)
+        return json.loads(text)  # json.JSONDecodeError (a ValueError): message, line, column
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise TooDeep("JSON nested too deeply") from None
+
+
+class TooDeep(ValueError):
+    """Nesting beyond the interpreter's recursion limit (json itself lets a
+    RecursionError out)."""
 
 
 def dumps(value) -> str:

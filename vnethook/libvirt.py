@@ -588,26 +588,13 @@ def _parse_leases(path: str) -> "LeaseList":
     if not text.strip():
         return LeaseList()
     try:
-        doc = jsonlite.loads(text)  # the json module only to word an error
-    except ValueError:
-        doc = _json_error(path, text)
-    return _leases_from(path, doc)
-
-
-def _json_error(path: str, text: str):
-    import json
-
-    try:
-        return json.loads(text)
+        doc = jsonlite.loads(text)
+    except jsonlite.TooDeep:
+        raise LibvirtDataError(f"{path}: JSON nested too deeply") from None
     except ValueError as e:
         line = getattr(e, "lineno", None)
         msg = getattr(e, "msg", str(e))
         raise LibvirtDataError(f"{_where(path, line)}: not valid JSON: {msg}") from None
-    except RecursionError:
-        raise LibvirtDataError(f"{path}: JSON nested too deeply") from None
-
-
-def _leases_from(path: str, doc: object) -> "LeaseList":
     if not isinstance(doc, list):
         raise LibvirtDataError(f"{path}: expected a JSON array of leases, got {type(doc).__name__}")
     return LeaseList(lease for lease in map(_lease, doc) if lease is not None)
