@@ -48,6 +48,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from vnethook import addr as address
 from vnethook.firewall.base import TAG
 from vnethook.model import Forward, Value, factory
 
@@ -147,22 +148,8 @@ def key_of(spec: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _addr(text: str, family: int) -> str:
-    """`text` as ipaddress prints it (compressed)."""
-    from vnethook import addr
-
-    return addr.compressed(text)
-
-
 def _host(text: str, family: int) -> str:
-    return f"{_addr(text, family)}/{32 if family == 4 else 128}"
-
-
-def _net(cidr: str) -> str:
-    """`cidr` as ipaddress.ip_network(strict=False) prints it."""
-    from vnethook import addr
-
-    return addr.network(cidr)
+    return f"{address.compressed(text)}/{32 if family == 4 else 128}"
 
 
 def _ports(lo: int, hi: int, sep: str = ":") -> str:
@@ -170,7 +157,7 @@ def _ports(lo: int, hi: int, sep: str = ":") -> str:
 
 
 def _to_destination(fw: Forward) -> str:
-    addr = _addr(fw.guest_address, fw.family)
+    addr = address.compressed(fw.guest_address)
     if fw.family == 6:
         addr = f"[{addr}]"
     glo, ghi = fw.guest_ports
@@ -200,7 +187,7 @@ def render_forward(fw: Forward, marked: bool = False) -> List[Rule]:
     else:
         dst, neg = _host(fw.host_address, fam), False
     if fw.sources:
-        sources: Sequence[Optional[str]] = [_net(s) for s in fw.sources]
+        sources: Sequence[Optional[str]] = [address.network(s) for s in fw.sources]
     elif fw.is_loopback:
         # Only host-originated traffic may use a loopback forward. A packet
         # from outside addressed to 127.x would otherwise be DNATed in
@@ -216,7 +203,7 @@ def render_forward(fw: Forward, marked: bool = False) -> List[Rule]:
     if marked:
         # One per subnet, shared (see the module docstring); loopback
         # sources are masqueraded by a base rule of VNETHOOK-SNAT.
-        net = _net(fw.subnet)
+        net = address.network(fw.subnet)
         rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=net, dst=net,
                           ctmark=True, comment=f"{TAG}:{SHARED_KEY}"))
         return rules
@@ -226,7 +213,7 @@ def render_forward(fw: Forward, marked: bool = False) -> List[Rule]:
 
     # Hairpin: a guest on the same network reaching the forward must see
     # replies come back through the host, so hide its address.
-    rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=_net(fw.subnet), dst=guest,
+    rules.append(Rule(fam, "nat", CHAIN_SNAT, "MASQUERADE", src=address.network(fw.subnet), dst=guest,
                       protocol=proto, dport=gport, ctstate="DNAT", comment=tag))
     if fw.is_loopback and fam == 4:
         # A 127.x source cannot leave the host: rewrite it to the bridge's.

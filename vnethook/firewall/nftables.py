@@ -226,16 +226,8 @@ def _payload(protocol: str, field: str) -> dict:
 
 
 def _prefix_json(cidr: str) -> dict:
-    net, _, plen = _net(cidr).partition("/")
+    net, _, plen = addr.network(cidr).partition("/")
     return {"prefix": {"addr": net, "len": int(plen)}}
-
-
-def _addr(text: str) -> str:
-    return addr.compressed(text)
-
-
-def _net(text: str) -> str:
-    return addr.network(text)
 
 
 # --------------------------------------------------------------------------
@@ -518,16 +510,16 @@ def libvirt_fix_commands(family: str, listing: Sequence[dict]) -> List[dict]:
 
 def _listed_addr(v: Any) -> str:
     if isinstance(v, str):
-        return _addr(v)
+        return addr.compressed(v)
     raise ValueError(f"unexpected address {v!r}")
 
 
 def _listed_net(v: Any) -> str:
     if isinstance(v, str):
-        return _net(v)
+        return addr.network(v)
     if isinstance(v, dict) and "prefix" in v:
         p = v["prefix"]
-        return _net(f"{p['addr']}/{p['len']}")
+        return addr.network(f"{p['addr']}/{p['len']}")
     if isinstance(v, dict) and "range" in v:
         import ipaddress
 
