@@ -338,23 +338,15 @@ def _write_cache(paths, key, racy, cfg: Config) -> None:
         pass
 
 
-# The blob fast_view() has just found valid, for the next load_config_cached()
-# of the same event (see there).
-_checked: list = []
-
-
-def load_config_cached(paths) -> Config:
+def load_config_cached(paths, checked=None) -> Config:
     """load_config(), but from the compiled cache when nothing changed.
 
-    The hook checks the cache in libvirt's process (fast_view) and, when
-    there is work, loads the map in the worker it forks: that load takes
-    the blob the check just validated instead of reading and checking it
-    again. Once only, so that no long-running process ever reuses an old
-    check."""
-    if _checked:
-        where, blob = _checked.pop()
-        if where == paths.config_cache:
-            return _from_blob(blob[3])
+    `checked`: a blob checked_cache() returned in this same event. The hook
+    checks the cache in libvirt's process and, when there is work, hands
+    the checked blob to the worker it forks, which need not read and check
+    the files again."""
+    if checked is not None:
+        return _from_blob(checked[3])
     blob = _read_cache(paths)
     if blob is not None:
         try:
@@ -389,19 +381,28 @@ def guest_names_fast(paths) -> frozenset | None:
     return None if view is None else view[0]
 
 
-def fast_view(paths) -> tuple | None:
-    """(configured guest names, on_error) from a valid warm cache, or None if unknown."""
+def checked_cache(paths):
+    """The cache's blob if it is valid now (nothing it was compiled from
+    changed), else None."""
     blob = _read_cache(paths)
     if blob is None:
         return None
     try:
-        if not _cache_matches(blob, paths):
-            return None
-        view = frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
+        return blob if _cache_matches(blob, paths) else None
     except Exception:
         return None
-    _checked[:] = [(paths.config_cache, blob)]
-    return view
+
+
+def fast_view(paths, blob=None) -> tuple | None:
+    """(configured guest names, on_error) from a valid warm cache (or from
+    `blob`, one checked_cache() gave), or None if unknown."""
+    blob = blob or checked_cache(paths)
+    if blob is None:
+        return None
+    try:
+        return frozenset(g[0] for g in blob[3][1]), blob[3][0][1]
+    except Exception:
+        return None
 
 
 def on_error_hint(paths) -> str:

@@ -59,14 +59,15 @@ def main(kind: str, argv=None, stdin=None) -> int:
             return 0
     else:
         return 0
+    checked: list = []  # the port map's cache blob, if _nothing_to_do checked it
     try:
-        if _nothing_to_do(kind, obj, op, data):
+        if _nothing_to_do(kind, obj, op, data, checked):
             return 0
     except Exception:
         pass  # let the worker find out, and report it
     from vnethook.hookwork import isolated
 
-    return isolated(kind, obj, op, data)
+    return isolated(kind, obj, op, data, checked[0] if checked else None)
 
 
 def subject(kind: str, obj: str, op: str, data: bytes):
@@ -105,19 +106,22 @@ def _port_owner(data: bytes):
     return name or None
 
 
-def _nothing_to_do(kind: str, obj: str, op: str, data: bytes) -> bool:
+def _nothing_to_do(kind: str, obj: str, op: str, data: bytes, checked: list) -> bool:
     """The events that need nothing (most of them), decided from a warm
-    cache and the records alone, in this process: no worker, no fork."""
+    cache and the records alone, in this process: no worker, no fork.
+    The cache blob it found valid goes into `checked`, for the worker."""
     paths = _paths()
     if kind == "qemu" and op in QEMU_REMOVE:
         return not _recorded(paths, obj) and os.path.isdir(paths.guests_dir)
     if kind == "network" and op not in ("port-created", "port-deleted"):
         return False
-    from vnethook.config import fast_view
+    from vnethook.config import checked_cache, fast_view
 
-    view = fast_view(paths)
+    blob = checked_cache(paths)
+    view = fast_view(paths, blob)
     if view is None:
         return False  # cache miss or broken map: the worker loads (and judges) it
+    checked.append(blob)
     names, on_error = view
     if kind == "qemu":
         # Ports in the guest's own metadata: the bytes of the namespace are

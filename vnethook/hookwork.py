@@ -14,7 +14,7 @@ import sys
 from vnethook.hook import METADATA_NS, QEMU_CHECK, QEMU_REMOVE, _leave, _paths, subject
 
 
-def isolated(kind: str, obj: str, op: str, data: bytes) -> int:
+def isolated(kind: str, obj: str, op: str, data: bytes, checked=None) -> int:
     """Do the real work in a child process.
 
     The work loads C code (libnftables via ctypes, libiptc, lxml, libyaml).
@@ -40,7 +40,7 @@ def isolated(kind: str, obj: str, op: str, data: bytes) -> int:
         rc = 1
         try:
             try:
-                rc = _work(kind, obj, op, data)
+                rc = _work(kind, obj, op, data, checked)
             except BaseException as e:  # never a traceback into libvirt's face
                 rc = _failed(kind, obj, op, data, e)
             _leave()
@@ -68,23 +68,25 @@ def isolated(kind: str, obj: str, op: str, data: bytes) -> int:
     return _failed(kind, obj, op, data, RuntimeError(f"the worker was {why}"))
 
 
-def _work(kind: str, obj: str, op: str, data: bytes) -> int:
+def _work(kind: str, obj: str, op: str, data: bytes, checked=None) -> int:
+    """`checked`: the port map's cache blob the hook checked in this event
+    (config.checked_cache), or None."""
     if kind == "qemu":
-        return _qemu(obj, op, data)
-    return _network(obj, op, data)
+        return _qemu(obj, op, data, checked)
+    return _network(obj, op, data, checked)
 
 
-def _config_or_error(paths):
+def _config_or_error(paths, checked=None):
     """(config, None) or (None, ConfigError)."""
     from vnethook.config import ConfigError, load_config_cached
 
     try:
-        return load_config_cached(paths), None
+        return load_config_cached(paths, checked), None
     except ConfigError as e:
         return None, e
 
 
-def _qemu(domain_name: str, op: str, data: bytes) -> int:
+def _qemu(domain_name: str, op: str, data: bytes, checked=None) -> int:
     paths = _paths()
     if op in QEMU_REMOVE:
         # The record alone says what to remove: no config, no XML parsing.
@@ -99,7 +101,7 @@ def _qemu(domain_name: str, op: str, data: bytes) -> int:
         Engine(paths).remove_guest(domain_name, reason=f"qemu {op}", key=key)
         return 0
 
-    config, err = _config_or_error(paths)
+    config, err = _config_or_error(paths, checked)
     if err is not None:
         return _config_broken(paths, "qemu", domain_name, op, data, err)
     has_metadata = METADATA_NS in data
@@ -170,14 +172,14 @@ def _warn_strict_forward_ports(domain_name: str) -> None:
         log.error(strict_problem(use_bus=False) or "firewalld: StrictForwardPorts=yes", DOMAIN=domain_name)
 
 
-def _network(net_name: str, op: str, data: bytes) -> int:
+def _network(net_name: str, op: str, data: bytes, checked=None) -> int:
     paths = _paths()
     from vnethook.engine import Engine
 
     if op == "stopped":
         Engine(paths).remove_network(net_name)
         return 0
-    config, err = _config_or_error(paths)
+    config, err = _config_or_error(paths, checked)
     if err is not None:
         return _config_broken(paths, "network", net_name, op, data, err)
     from vnethook import libvirt

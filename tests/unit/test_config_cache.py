@@ -267,17 +267,18 @@ def test_the_cached_map_builds_only_the_guests_asked_for(env):
         guests["g1"] = None  # type: ignore[index]
 
 
-def test_the_load_after_the_hooks_check_reuses_it_once(env, monkeypatch):
-    """The hook checks the cache (fast_view), then its worker loads the map:
-    that load uses the blob just checked, without reading and checking the
-    files again; the next load (a long-running process) checks anew."""
+def test_the_worker_loads_the_blob_the_hooks_check_validated(env, monkeypatch):
+    """The hook checks the cache (checked_cache), then its worker loads the
+    map from that blob without reading and checking the files again; a
+    load without it checks anew."""
     load_config_cached(env)
-    assert config.fast_view(env) is not None
+    blob = config.checked_cache(env)
+    assert blob is not None and config.fast_view(env, blob) == (frozenset({"web1"}), "block")
     reads = []
     real = config._read_cache
     monkeypatch.setattr(config, "_read_cache", lambda p: reads.append(1) or real(p))
     write(os.path.join(env.config, "ports.yaml"), MAP.replace("8080", "8081"))  # after the check
-    first = load_config_cached(env)
+    first = load_config_cached(env, blob)
     assert reads == [] and first.guests["web1"].forwards[0].host_ports == (8080, 8080)
     second = load_config_cached(env)
     assert reads == [1] and second.guests["web1"].forwards[0].host_ports == (8081, 8081)
