@@ -5,9 +5,8 @@ and masks of both families, in canonical and other spellings, and errors."""
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-import sys
 
+from fresh import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,7 +83,6 @@ def test_the_common_cases_do_not_import_ipaddress():
             "addr.in_network('192.0.2.10', '192.0.2.0/24'), addr.in_network('2001:db8::1', '192.0.2.0/24'), "
             "addr.interface('192.168.122.1', '255.255.255.0'), addr.interface('2001:db8::1', '64')); "
             "print(r, 'ipaddress' in sys.modules)")
-    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r}); {code}"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = run(code, site=False).strip()
     assert out == ("(4, '2001:db8::10', '192.0.2.0/24', True, False, (4, '192.168.122.1', 24, '192.168.122.0/24'), "
                    "(6, '2001:db8::1', 64, '2001:db8::/64')) False")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from forward_factory import fwd
+from fresh import run, why_no_netns
 
 from vnethook.firewall.base import CommitError, FirewallError, Owned, Snapshot, Unit
 from vnethook.firewall.converge import Backend
@@ -138,33 +139,14 @@ def test_a_record_of_another_guest_goes_by_tag():
     assert ("list", KEY) in d.log
 
 
-def _why_not():
-    import os
-    import shutil
-
-    if os.geteuid() != 0:
-        return "needs root (a private network namespace)"
-    for tool in ("unshare", "ip6tables-nft-restore"):
-        if not shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin"):
-            return f"needs {tool}"
-    return None
-
-
-@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+@pytest.mark.skipif(why_no_netns("ip6tables-nft-restore") is not None,
+                    reason=why_no_netns("ip6tables-nft-restore") or "")
 def test_the_listing_path_deletes_a_jump_listed_twice():
     """A kill mid-change can leave a guest's jump twice; the listing path
     deletes each copy before the guest's chain (the canonical rules are
     keys of a dict: the listing's own list must be used)."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = textwrap.dedent("""
-        import subprocess, sys
-        sys.path.insert(0, %r)
-        sys.path.insert(0, %r)
+    out = run("""
+        import subprocess
         from forward_factory import fwd
         from vnethook.firewall import iptables_rules as ir
         from vnethook.firewall.iptables_nft import IptablesNftBackend
@@ -176,7 +158,5 @@ def test_the_listing_path_deletes_a_jump_listed_twice():
                         "vnethook:" + key, "-j", ir.guest_chain(ir.CHAIN_DNAT, key)], check=True)
         be.apply(key, fws[:1], None)
         print("vnethook:" + key in subprocess.run(["ip6tables-nft-save"], capture_output=True, text=True).stdout)
-    """ % (repo, os.path.join(repo, "tests", "unit")))
-    p = subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["False"]
+    """, netns=True)
+    assert out.split() == ["False"]

@@ -11,19 +11,15 @@ uses to undo committed tables.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import textwrap
 from typing import Dict, List
 
 import pytest
+from forward_factory import fwd
+from fresh import RULESETS, in_netns, why_no_netns
 
 from vnethook.firewall import iptables_rules as ir
 from vnethook.firewall.iptables_nft import IptablesNftBackend
 from vnethook.model import Forward
-from forward_factory import fwd
 
 
 def record(forwards: List[Forward], marked: bool = True) -> List[str]:
@@ -145,23 +141,13 @@ def test_slow_path_drops_an_empty_chain_left_behind():
 
 # --- the kernel's answers (private network namespace) ------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NO_NETNS = why_no_netns("iptables-nft-restore")
 
 
-def _why_not():
-    if os.geteuid() != 0:
-        return "needs root (a private network namespace)"
-    for tool in ("unshare", "iptables-nft-restore"):
-        if not shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin"):
-            return f"needs {tool}"
-    return None
-
-
-@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+@pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
 def test_netlink_counts_and_base_check_match_the_kernel():
-    code = textwrap.dedent("""
+    code = """
         import json, subprocess, sys
-        sys.path.insert(0, %r)
         from vnethook.firewall.nfnetlink import chain_use, chain_rules
         from vnethook.firewall.iptables_nft import IptablesNftBackend
         be = IptablesNftBackend()
@@ -188,11 +174,8 @@ def test_netlink_counts_and_base_check_match_the_kernel():
         subprocess.run(["iptables-nft", "-I", "FORWARD", "1", "-j", "DROP"], check=True)
         out["displaced"] = be._base_in_place(4)
         print(json.dumps(out))
-    """ % REPO)
-    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    """
+    out = in_netns(code)
     assert out["before"] == [None, False]
     # VNETHOOK-FWD: its accept + FORWARD's jump; X: one jump; VNETHOOK-DNAT: MARK's jump
     assert out["after"] == [2, 1, 1, 2, True, False]
@@ -200,18 +183,17 @@ def test_netlink_counts_and_base_check_match_the_kernel():
     assert out["displaced"] is False
 
 
-@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+@pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
 def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
-    code = textwrap.dedent("""
+    code = """
         import json, subprocess, sys
-        sys.path.insert(0, %r)
         from vnethook.firewall import nfnetlink, iptables_rules as ir
         from vnethook.firewall.iptables_nft import IptablesNftBackend
         from vnethook.model import Forward, guest_key as K
         def fw(dom, fam, port):
             return Forward(domain=dom, mac="52:54:00:00:00:01", network="n", bridge="vbr0",
                 subnet="192.0.2.0/24" if fam == 4 else "2001:db8::/64", family=fam,
-                guest_address="192.0.2.%%d" %% (port - 29990) if fam == 4 else "2001:db8::%%x" %% port,
+                guest_address="192.0.2.%d" % (port - 29990) if fam == 4 else "2001:db8::%x" % port,
                 protocol="tcp", host_address=None, host_ports=(port, port), guest_ports=(80, 80))
         calls = []
         real = nfnetlink.delete_batch
@@ -249,11 +231,8 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
         out["doubt"] = [list(calls), "vnethook:gc" in text, ir.chain_hash(K("gc")) in text, text.count("vnethook:ga"),
                         list(probes)]
         print(json.dumps(out))
-    """ % REPO)
-    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    """
+    out = in_netns(code)
     # one transaction per family; gb gone without a trace, the others intact
     # (per family: a DNAT in its own chain + its jump); the handles were
     # found by probing next to the chains' handles, without a dump
@@ -265,7 +244,7 @@ def test_removal_by_handle_matches_the_kernel_and_falls_back_on_doubt():
     assert out["doubt"][1:] == [False, False, 4, [False]]
 
 
-@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+@pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
 def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
     """The first guest (no base yet) takes the fast path, which creates the
     base itself: the kernel then holds exactly what the listing path
@@ -274,10 +253,8 @@ def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
     puts everything back, not only the base; and a base that exists after
     all (a wrong guess) fails that batch and the listing path converges.
     In a private network namespace, with libvirt's rules."""
-    code = textwrap.dedent("""
+    code = """
         import json, subprocess, sys
-        sys.path.insert(0, %r)
-        sys.path.insert(0, %r)
         from forward_factory import fwd
         from vnethook.firewall.iptables_nft import IptablesNftBackend
         R = %r
@@ -330,25 +307,21 @@ def test_first_guest_builds_the_base_in_its_batch_as_the_listing_path_would():
         be.remove(key, fws[1:])
         out["clean at the end"] = rules(save()) == clean
         print(json.dumps(out))
-    """ % (REPO, os.path.join(REPO, "tests", "unit"), os.path.join(REPO, "tests", "acceptance", "rulesets")))
-    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    """ % RULESETS
+    out = in_netns(code)
     assert out == {"absent": [True, True], "fast": True, "present": [False, False], "clean after remove": True,
                    "same as listing path": True, "after a flush": [True, True], "wrong guess converged": True,
                    "clean at the end": True}, out
 
 
-@pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+@pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
 def test_netlink_table_check_and_the_reused_query_socket():
     """table_exists answers True/False from the kernel (not "unknown"), and
     the one query socket is reused across requests, also after a request
     for a chain that does not exist (no socket per question: each close
     after a deletion would wait for an RCU grace period)."""
-    code = textwrap.dedent("""
+    code = """
         import json, os, subprocess, sys
-        sys.path.insert(0, %r)
         from vnethook.firewall import nfnetlink as nl, others
         out = {"before": [nl.table_exists(4, "filter"), nl.table_exists(6, "filter"), sorted(others._nft_filter_tables())]}
         subprocess.run(["iptables-nft", "-A", "FORWARD", "-o", "virbr9", "-j", "REJECT"], check=True)
@@ -366,10 +339,7 @@ def test_netlink_table_check_and_the_reused_query_socket():
         subprocess.run(["iptables-nft", "-A", "DOCKER-USER", *others.accept_spec().replace('"', "").split()], check=True)
         out["stale copy"] = others._covered_nft_untouched(4)
         print(json.dumps(out))
-    """ % REPO)
-    p = subprocess.run(["unshare", "--net", "/usr/bin/python3", "-c", code], capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    """
+    out = in_netns(code)
     assert out == {"before": [False, False, []], "after": [True, False, [4]], "untouched": True, "fds grew": 0,
                    "still answers": [1, 1], "docker": False, "stale copy": False}, out

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from fresh import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,8 +55,7 @@ def test_constants_and_bytes():
 
 def test_importing_it_imports_neither_json_nor_re():
     code = "import sys; import vnethook.jsonlite; print(sorted({'json', 're'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r}); {code}"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = run(code, site=False).strip()
     assert out == "[]"
 
 
@@ -76,6 +74,5 @@ def test_refusals_in_a_process_that_never_imported_json():
             "    except BaseException as e:\n"
             "        out.append(type(e).__name__)\n"
             "print(out, jsonlite.loads('{\"ok\": [1]}'))\n")
-    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r})\n{code}"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = run(code, site=False).strip()
     assert out == str(["ValueError"] * 8) + " {'ok': [1]}"
