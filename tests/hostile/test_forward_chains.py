@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from netns import A
 
 MAP = {"g0": "{address: 192.0.2.10, forward: [8000:80, 5300:53/udp]}"}
@@ -199,3 +198,44 @@ def test_status_names_a_native_nft_forward_policy_drop(served):
         assert rc == 0 and not st["problems"], st["problems"]
     finally:
         host.topo.exec("host", "nft", "delete", "table", "inet", "admin_fw", check=False)
+
+
+@pytest.mark.parametrize("event", ["reconnect", "sync"])
+def test_after_the_tables_were_wiped_every_forward_comes_back(served, event):
+    """firewalld's reload (or `nft flush ruleset`) deletes vnethook's rules
+    together with libvirt's, and libvirt builds its own again; the records
+    still say what was installed. The next event must add everything, base
+    and guest rules: `reconnect` (libvirtd restarted meanwhile) trusts the
+    record and takes the fast path, which re-created only the base in this
+    release's first version of it (found by reading, proven here); `sync`
+    (firewalld's listener, the watcher, the timer) lists first. Real packets
+    before and after, the same rules as before with none twice, `status`
+    agreeing, and a port the map does not publish still closed."""
+    host = served
+    host.write_map(MAP)
+    assert host.started("g0", [MAC]).returncode == 0
+    assert _works(host)
+    before = host.ours()
+    host.topo.exec("host", "nft", "flush", "ruleset")
+    if host.backend == "iptables-legacy":
+        for t in ("iptables-legacy", "ip6tables-legacy"):
+            for table in ("filter", "nat"):
+                host.topo.exec("host", t, "-t", table, "-F")
+                host.topo.exec("host", t, "-t", table, "-X")
+    host.topo.load_libvirt(host.backend)
+    assert not _works(host)
+    rc, st = _status(host)
+    assert rc == 1, st  # it says the forwards are gone
+    if event == "reconnect":
+        p = host.hook("qemu", "g0", "reconnect", host.run_domain("g0", [MAC]))
+    else:
+        p = host.cli("sync")
+    assert p.returncode == 0, p.stderr
+    assert _works(host)
+    # (the Docker-like chains that held our other accept went with the wipe)
+    mine = [ln for ln in host.ours() if "vnethook:forward" not in ln]
+    assert sorted(mine) == sorted(ln for ln in before if "vnethook:forward" not in ln)
+    assert len(set(mine)) == len(mine)
+    rc, st = _status(host)
+    assert rc == 0 and st["problems"] == [], st
+    assert not host.topo.connect("ext", A["host_ext4"], 8001).ok
