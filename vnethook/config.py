@@ -223,22 +223,11 @@ def _read_cache(paths):
     """Return the unmarshalled blob if it is ours and trustworthy, else None."""
     import marshal
 
-    try:
-        fd = os.open(paths.config_cache, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    from vnethook.fsutil import read_trusted
+
+    data = read_trusted(paths.config_cache, 16 * MAX_FILE_SIZE)
+    if data is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022 or not _S_ISREG(st.st_mode):
-            return None
-        if st.st_size > 16 * MAX_FILE_SIZE:
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     try:
         blob = marshal.loads(data)
     except (EOFError, ValueError, TypeError):

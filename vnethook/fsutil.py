@@ -34,6 +34,27 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def read_trusted(path: str, limit: int) -> "bytes | None":
+    """A file vnethook wrote (a cache), or None: missing, over `limit`
+    bytes, or not to be trusted (distrust: a symlink, not a regular file,
+    another owner, writable by others). Never blocks on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if distrust(st) or st.st_size > limit:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def distrust(st: os.stat_result, kind: str = "file") -> "str | None":
     """Why a state file or directory (from lstat) may not be trusted, or None.
 

@@ -743,20 +743,13 @@ class _DomainCache:
     def _load(self) -> dict:
         import marshal
 
+        from vnethook.fsutil import read_trusted
+
+        data = read_trusted(self.file, 64 << 20)
         try:
-            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            blob = marshal.loads(data) if data is not None else None
+        except (EOFError, ValueError, TypeError):
             return {}
-        try:
-            st = os.fstat(fd)
-            if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022 or st.st_size > 64 << 20:
-                return {}
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                blob = marshal.loads(f.read())
-        except (OSError, EOFError, ValueError, TypeError):
-            return {}
-        finally:
-            os.close(fd)
         if not isinstance(blob, tuple) or len(blob) != 2 or blob[0] != self.FORMAT or not isinstance(blob[1], dict):
             return {}
         return blob[1]

@@ -110,7 +110,7 @@ def test_metadata_is_read_from_the_file_when_asked(tree):
         assert [os.path.basename(p) for _, p in found] == ["g0.xml"] and b"8080:80" in found[0][0]
 
 
-@pytest.mark.parametrize("spoil", ["garbage", "group-writable", "symlink", "other format"])
+@pytest.mark.parametrize("spoil", ["garbage", "group-writable", "symlink", "other format", "fifo"])
 def test_a_bad_cache_is_a_miss_never_an_error(tree, monkeypatch, spoil, tmp_path):
     expected = L.running_domains(tree)
     c = tree.domains_cache
@@ -121,6 +121,9 @@ def test_a_bad_cache_is_a_miss_never_an_error(tree, monkeypatch, spoil, tmp_path
     elif spoil == "symlink":
         shutil.move(c, tmp_path / "elsewhere")
         os.symlink(tmp_path / "elsewhere", c)
+    elif spoil == "fifo":
+        os.unlink(c)
+        os.mkfifo(c, 0o600)  # must not block the reader
     else:
         open(c, "wb").write(marshal.dumps((99, {})))
     seen = _parses(monkeypatch)
