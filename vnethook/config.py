@@ -27,6 +27,7 @@ import sys
 # _collections_abc, not collections.abc: the interpreter has loaded it already.
 from _collections_abc import Mapping as _Mapping
 
+from vnethook.fsutil import RACY_NS
 from vnethook.model import Value
 
 TYPE_CHECKING = False
@@ -46,7 +47,6 @@ SHORT_FORM = "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/PROTOCOL], e.g. 8080:80"
 _PORT_EXPECT = "expected a number 1-65535 or a range like 30000-30009"
 _NULL = "tag:yaml.org,2002:null"
 _BOOL = "tag:yaml.org,2002:bool"
-_RACY_NS = 3_000_000_000  # files changed this recently are also compared by content
 
 
 class Problem(Value):
@@ -355,7 +355,7 @@ def load_config_cached(paths, checked=None) -> Config:
         racy = tuple(
             (f[0], contents[f[0]])
             for f in before[5]
-            if f[0] in contents and max(f[1], f[2]) >= now - _RACY_NS
+            if f[0] in contents and max(f[1], f[2]) >= now - RACY_NS
         )
         _write_cache(paths, before, racy, cfg)
     return cfg

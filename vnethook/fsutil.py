@@ -34,6 +34,13 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+# A file whose mtime or ctime is this recent may change again within the
+# same clock tick without its stat changing: the caches do not trust its
+# stat alone (the config cache compares its content, the status-file cache
+# does not keep it).
+RACY_NS = 3_000_000_000
+
+
 def read_trusted(path: str, limit: int) -> "bytes | None":
     """A file vnethook wrote (a cache), or None: missing, over `limit`
     bytes, or not to be trusted (distrust: a symlink, not a regular file,

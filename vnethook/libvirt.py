@@ -719,7 +719,7 @@ class _DomainCache:
 
     An entry counts only while the file's inode, device, size, mtime and
     ctime are unchanged (libvirt replaces a status file by rename: a new
-    inode) and its mtime is older than _RACY_NS: a file written within the
+    inode) and its mtime is older than fsutil.RACY_NS: a file written within the
     same clock tick as its cached read could differ with the same stat.
     A file with vnethook metadata is read again whenever the caller wants
     the metadata (its raw XML is not kept). Entries of files that are gone
@@ -729,7 +729,6 @@ class _DomainCache:
     """
 
     FORMAT = 1
-    _RACY_NS = 2_000_000_000
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -778,7 +777,9 @@ class _DomainCache:
 
     def put(self, path: str, dom: Domain, has_metadata: bool) -> None:
         key = self.stats.get(path)
-        if key is None or key[3] >= self.now - self._RACY_NS:
+        from vnethook.fsutil import RACY_NS
+
+        if key is None or key[3] >= self.now - RACY_NS:
             return
         self.new[path] = (key, has_metadata, (dom.name, dom.uuid, tuple(
             (i.mac, i.type, i.network, i.bridge, i.target, i.portid) for i in dom.interfaces)))
