@@ -20,7 +20,6 @@ import pytest
 
 from vnethook import blocklist, hook, install
 from vnethook.config import load_config_cached
-from vnethook.paths import Paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -190,19 +189,8 @@ def test_package_that_raises_at_import(tmp_path, scripts):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    cfg = tmp_path / "etc"
-    cfg.mkdir()
-    os.chmod(cfg, 0o755)
-    root = tmp_path / "root"
-    for d in ("run/libvirt/qemu", "run/libvirt/network", "var/lib/libvirt/dnsmasq"):
-        (root / d).mkdir(parents=True)
-    state = tmp_path / "state"
-    monkeypatch.setenv("VNETHOOK_CONFIG", str(cfg))
-    monkeypatch.setenv("VNETHOOK_STATE_DIR", str(state))
-    monkeypatch.setenv("VNETHOOK_LIBVIRT_ROOT", str(root))
-    monkeypatch.setenv("VNETHOOK_LOG", "stderr")
-    return Paths(config=str(cfg), libvirt_root=str(root), state_dir=str(state))
+def env(hook_env):
+    return hook_env
 
 
 def _map(paths, text):

@@ -15,7 +15,15 @@ import textwrap
 import pytest
 
 from vnethook import blocklist, hook, metadata
-from vnethook.config import Config, ConfigError, GuestConfig, PortRule, Settings, check_main, load_config
+from vnethook.config import (
+    Config,
+    ConfigError,
+    GuestConfig,
+    PortRule,
+    Settings,
+    check_main,
+    load_config,
+)
 from vnethook.paths import Paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -407,26 +415,8 @@ def test_many_guests_merge_fast():
 # ---------------------------------------------------------- hook and check
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    cfg = tmp_path / "etc"
-    cfg.mkdir()
-    os.chmod(cfg, 0o755)
-    root = tmp_path / "root"
-    for d in ("run/libvirt/qemu", "run/libvirt/network", "var/lib/libvirt/dnsmasq", "etc/libvirt/qemu"):
-        (root / d).mkdir(parents=True)
-    state = tmp_path / "state"
-    monkeypatch.setenv("VNETHOOK_CONFIG", str(cfg))
-    monkeypatch.setenv("VNETHOOK_STATE_DIR", str(state))
-    monkeypatch.setenv("VNETHOOK_LIBVIRT_ROOT", str(root))
-    monkeypatch.setenv("VNETHOOK_LOG", "stderr")
-    paths = Paths(config=str(cfg), libvirt_root=str(root), state_dir=str(state))
-    yield paths
-    # The hook events below run in this (the root) namespace: no lease
-    # watcher may be left behind (the maps say lease_watch: off).
-    from vnethook.watch import stop_watcher, watcher_running
-
-    assert not watcher_running(paths), "a test started a lease watcher"
-    stop_watcher(paths)
+def env(hook_env):
+    return hook_env
 
 
 def _map(paths, text):
