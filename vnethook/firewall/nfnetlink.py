@@ -21,7 +21,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4
 NLM_F_REQUEST = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USE = 1, 3, 6
-FAMILY = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+FAMILY = {4: 2, 6: 10, "ip": 2, "ip6": 10, "inet": 1}  # NFPROTO_*
 _query_sock: list = []
 _seq = [0]
 
@@ -64,7 +64,7 @@ def _next_seq() -> int:
     return _seq[0]
 
 
-def _ask(kind: int, family: int, names: "list", dump: bool = False, timeout: float = 2.0):
+def _ask(kind: int, family: "int | str", names: "list", dump: bool = False, timeout: float = 2.0):
     """Send one GET request on the query socket; yield (data, offset,
     length, type) of each answer message, until a single answer, a dump's
     NLMSG_DONE or an error ends it. The socket is dropped unless its
@@ -104,7 +104,7 @@ def _ask(kind: int, family: int, names: "list", dump: bool = False, timeout: flo
             _drop_query()
 
 
-def chain_use(family: int, table: str, chain: str, timeout: float = 2.0) -> "int | None":
+def chain_use(family: "int | str", table: str, chain: str, timeout: float = 2.0) -> "int | None":
     """Rules in `chain` plus jumps to it, or None if the kernel did not say."""
     import _struct
 
@@ -122,7 +122,7 @@ NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
 NFTA_TABLE_NAME = 1
 
 
-def table_exists(family: int, table: str, timeout: float = 2.0) -> "bool | None":
+def table_exists(family: "int | str", table: str, timeout: float = 2.0) -> "bool | None":
     """Whether nf_tables has table `table` in `family` (ip/ip6); None if unknown.
 
     One GETTABLE request: `nft list tables` through libnftables fetches
@@ -168,7 +168,7 @@ def headers(data: bytes, seq: "int | None") -> "list | None":
     return out
 
 
-def chain_rules(family: int, table: str, chain: str, timeout: float = 2.0) -> "list | None":
+def chain_rules(family: "int | str", table: str, chain: str, timeout: float = 2.0) -> "list | None":
     """The raw netlink messages of one chain's rules, in chain order; None if unknown.
 
     A dump filtered to one chain: the kernel walks that chain only, where
@@ -494,6 +494,39 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
     True once every message was acknowledged; False if the kernel refused
     (nothing changed) or did not answer in time (unknown: the caller lists).
     """
+    import _struct
+
+    fam = FAMILY[family]
+    ops = [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c)
+            + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
+    ops += [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c))
+            for t, c in chains]
+    ops += [(fam, NFT_MSG_DELCHAIN, 0, name_attr(NFTA_CHAIN_TABLE, t) + name_attr(NFTA_CHAIN_NAME, c))
+            for t, c in chains]
+    return transaction(ops, timeout) is None
+
+
+def name_attr(kind: int, text: str) -> bytes:
+    return _attr(kind, text.encode() + b"\0")
+
+
+def nested(kind: int, value: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, value)
+
+
+NLA_F_NESTED = 0x8000
+NLM_F_CREATE = 0x400
+ENOBUFS_MAX = 64 << 20  # the most a batch may ask the socket to buffer
+
+
+def transaction(ops: "list", timeout: float = 2.0) -> "str | None":
+    """Commit nf_tables messages as one batch: all of them or none.
+
+    `ops`: (nfproto family, NFT_MSG_* kind, extra nlmsg flags, attributes).
+    None once every message was acknowledged; else why not: the kernel's
+    error (errno name and the 1-based index of the refused message; nothing
+    changed), or "no answer" (unknown: the caller lists).
+    """
     import _socket
     import _struct
 
@@ -501,58 +534,56 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
         body = _struct.pack("=BBH", fam, 0, _socket.htons(res_id)) + attrs
         return _struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
-    def name(kind: int, text: str) -> bytes:
-        return _attr(kind, text.encode() + b"\0")
-
-    fam = FAMILY[family]
     base = _next_seq()
     parts = [msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, base, 0, NFNL_SUBSYS_NFTABLES, b"")]
-    seqs = []
     sub = NFNL_SUBSYS_NFTABLES << 8
-    ops = [(NFT_MSG_DELRULE, name(NFTA_RULE_TABLE, t) + name(NFTA_RULE_CHAIN, c)
-            + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
-    ops += [(NFT_MSG_DELRULE, name(NFTA_RULE_TABLE, t) + name(NFTA_RULE_CHAIN, c)) for t, c in chains]
-    ops += [(NFT_MSG_DELCHAIN, name(NFTA_CHAIN_TABLE, t) + name(NFTA_CHAIN_NAME, c)) for t, c in chains]
-    for i, (kind, attrs) in enumerate(ops, 1):
-        seqs.append(base + i)
-        parts.append(msg(sub | kind, NLM_F_REQUEST | NLM_F_ACK, base + i, fam, 0, attrs))
+    for i, (fam, kind, flags, attrs) in enumerate(ops, 1):
+        parts.append(msg(sub | kind, NLM_F_REQUEST | NLM_F_ACK | flags, base + i, fam, 0, attrs))
     parts.append(msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, base + len(ops) + 1, 0, NFNL_SUBSYS_NFTABLES, b""))
     _seq[0] = base + len(ops) + 2
+    data = b"".join(parts)
 
     try:
-        sock = _query_socket()  # closed after exit: this commit deletes
-    except OSError:
-        return False
+        sock = _query_socket()  # closed after exit: a commit may delete
+    except OSError as e:
+        return f"netlink: {e.strerror or e}"
     ok = False
     try:
         sock.settimeout(timeout)
-        sock.sendto(b"".join(parts), (0, 0))
-        want, bad = set(seqs), False
-        while want:
-            data = sock.recv(1 << 16)
-            if not data:
-                break
-            msgs = headers(data, None)
-            if msgs is None:
-                return False
+        if len(data) > 200_000:  # beyond the default buffer: a 1000-port range with sources
+            sock.setsockopt(_socket.SOL_SOCKET, 32, min(len(data) * 2, ENOBUFS_MAX))  # SO_SNDBUFFORCE
+            sock.setsockopt(_socket.SOL_SOCKET, 33, min(len(data), ENOBUFS_MAX))  # SO_RCVBUFFORCE
+        sock.sendto(data, (0, 0))
+        want = set(range(base + 1, base + len(ops) + 1))
+        error = None
+        while want and error is None:
+            chunk = sock.recv(1 << 16)
+            msgs = headers(chunk, None) if chunk else None
+            if not msgs:
+                return "netlink: malformed answer"
             for off, length, kind, _ in msgs:
-                rseq = _struct.unpack_from("=I", data, off + 8)[0]
-                if kind == NLMSG_ERROR and length >= 20:
-                    err = _struct.unpack_from("=i", data, off + 16)[0]
-                    if err or rseq not in want:
-                        bad = True  # a refused message, or the commit itself (answered on BEGIN)
-                    want.discard(rseq)
-                else:
-                    bad = True
-            if bad:
-                return False
-        ok = not want
-        return ok
-    except OSError:
-        return False
+                rseq = _struct.unpack_from("=I", chunk, off + 8)[0]
+                if kind != NLMSG_ERROR or length < 20:
+                    return "netlink: unexpected answer"
+                err = _struct.unpack_from("=i", chunk, off + 16)[0]
+                if err:
+                    # The refused message, or the commit itself (answered on BEGIN).
+                    what = f"message {rseq - base} of {len(ops)}" if rseq in want else "the commit"
+                    error = f"{_errno_name(-err)} at {what}"
+                want.discard(rseq)
+        ok = not want and error is None
+        return error
+    except OSError as e:
+        return f"netlink: {e.strerror or e}"
     finally:
         if not ok:
             _drop_query()  # stale answers may wait in it
+
+
+def _errno_name(err: int) -> str:
+    import errno
+
+    return errno.errorcode.get(err, f"errno {err}")
 
 
 _held: list = []
@@ -607,3 +638,73 @@ def _detach_close() -> None:
         os.read(r, 1)  # EOF once the parent has exited
     finally:
         os._exit(0)
+
+
+# --- set elements and rules, read back -------------------------------------
+
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+NFT_MSG_DELTABLE = 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_USERDATA, NFTA_SET_ELEM_KEY_END = 1, 2, 6, 10
+NFTA_DATA_VALUE = 1
+NFTA_RULE_USERDATA = 7
+
+
+def set_keys(family: "int | str", table: str, name: str, timeout: float = 2.0) -> "list | None":
+    """The keys (raw bytes) of a set's elements; None if unknown or there is no such set."""
+    newelem = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+    out: "list" = []
+    for data, off, length, kind in _ask(NFT_MSG_GETSETELEM, family,
+                                        [(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, name)],
+                                        dump=True, timeout=timeout):
+        if kind == NLMSG_DONE:
+            return out
+        if kind != newelem:
+            return None  # NLMSG_ERROR: no such table or set
+        top = _attrs(data[off + 20:off + length])
+        elems = _one(top, NFTA_SET_ELEM_LIST_ELEMENTS) if top is not None else None
+        items = _attrs(elems) if elems is not None else None
+        if items is None:
+            return None
+        for _, item in items:
+            ea = _attrs(item)
+            key = _one(ea, NFTA_SET_ELEM_KEY) if ea is not None else None
+            ka = _attrs(key) if key is not None else None
+            value = _one(ka, NFTA_DATA_VALUE) if ka is not None else None
+            if value is None:
+                return None
+            out.append(value)
+    return None
+
+
+def rule_parts(rule: bytes) -> "tuple | None":
+    """(handle, comment or None, [(expression name, its attributes)]) of one
+    GETRULE answer (as chain_rules gives them); None if malformed."""
+    import _struct
+
+    top = _attrs(rule[4:])  # after nfgenmsg
+    if top is None:
+        return None
+    handle, exprs, udata = _one(top, NFTA_RULE_HANDLE), _one(top, NFTA_RULE_EXPRESSIONS), _one(top, NFTA_RULE_USERDATA)
+    if handle is None or len(handle) != 8:
+        return None
+    comment = None
+    off = 0
+    while udata is not None and off + 2 <= len(udata):  # libnftnl's udata: type, length, value
+        kind, n = udata[off], udata[off + 1]
+        if kind == 0 and off + 2 + n <= len(udata):  # NFTNL_UDATA_RULE_COMMENT
+            comment = udata[off + 2:off + 2 + n].split(b"\0", 1)[0].decode("utf-8", "replace")
+        off += 2 + n
+    parts = []
+    for kind, elem in _attrs(exprs or b"") or ():
+        ea = _attrs(elem) if kind == NFTA_LIST_ELEM else None
+        if ea is None:
+            return None
+        name = _one(ea, NFTA_EXPR_NAME)
+        if name is None:
+            return None
+        da = _attrs(_one(ea, NFTA_EXPR_DATA) or b"")
+        if da is None:
+            return None
+        parts.append((name.rstrip(b"\0").decode("ascii", "replace"), da))
+    return _struct.unpack("!Q", handle)[0], comment, parts

@@ -72,8 +72,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import json
-
 from vnethook import addr
 from vnethook.firewall.base import (
     TAG,
@@ -98,6 +96,7 @@ LIBVIRT_FAMILIES = ("ip", "ip6")
 COMMENT_PREFIX = f"{TAG}:"
 
 _PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
+_PROTO_BY_NAME = {v: k for k, v in _PROTO_NUMBERS.items()}
 _NAT_PRIO_DST = -100
 _NAT_PRIO_SRC = 100
 _HAIRPIN_PRIO = _NAT_PRIO_DST + 1  # after our DNAT, before routing
@@ -133,15 +132,6 @@ class MapSpec(Value):
         if self.sourced:
             t.append(self.addr_type)
         return t + ["inet_proto", "inet_service"]
-
-    def key_expr(self) -> dict:
-        parts = []
-        if self.host:
-            parts.append(_payload(self.proto, "daddr"))
-        if self.sourced:
-            parts.append(_payload(self.proto, "saddr"))
-        parts += [{"meta": {"key": "l4proto"}}, _payload("th", "dport")]
-        return {"concat": parts}
 
 
 # Order matters: the translate chain tries the most specific map first.
@@ -195,23 +185,31 @@ class FwdElem(Value):
             f"{_bracket(self.guest, self.family)}:{self.guest_port}"
         )
 
-    def key_json(self) -> dict:
-        parts: List[Any] = []
-        if self.host is not None:
-            parts.append(self.host)
-        if self.source is not None:
-            parts.append(_prefix_json(self.source))
-        parts += [self.protocol, self.host_port]
-        return {"concat": parts}
+    def key_bytes(self) -> Tuple[bytes, Optional[bytes]]:
+        """The element's key as nf_tables stores it, and its end (interval
+        maps: the last source address; None for hash maps). Each field of
+        a concatenation fills whole 32-bit registers: addresses as they
+        are, the protocol number and the port (big-endian) zero-padded."""
+        import _socket
+        import _struct
 
-    def data_json(self) -> dict:
-        return {"concat": [self.guest, self.guest_port]}
+        af = _socket.AF_INET if self.family == 4 else _socket.AF_INET6
+        head = _socket.inet_pton(af, self.host) if self.host is not None else b""
+        tail = bytes((_PROTO_BY_NAME[self.protocol], 0, 0, 0)) + _struct.pack("!H", self.host_port) + b"\0\0"
+        if self.source is None:
+            return head + tail, None
+        net, _, plen = self.source.partition("/")
+        lo = _socket.inet_pton(af, net)
+        bits = len(lo) * 8
+        last = int.from_bytes(lo, "big") | ((1 << (bits - int(plen))) - 1)
+        return head + lo + tail, head + last.to_bytes(len(lo), "big") + tail
 
-    def key_text(self) -> str:
-        """The element's key in nft's text syntax (for `get element`; every
-        part is a normalised address, a prefix, a known protocol or a number)."""
-        parts = [p for p in (self.host, self.source) if p is not None]
-        return " . ".join(parts + [self.protocol, str(self.host_port)])
+    def data_bytes(self) -> bytes:
+        import _socket
+        import _struct
+
+        af = _socket.AF_INET if self.family == 4 else _socket.AF_INET6
+        return _socket.inet_pton(af, self.guest) + _struct.pack("!H", self.guest_port) + b"\0\0"
 
 
 Elem = FwdElem
@@ -221,17 +219,8 @@ def _bracket(addr: str, family: int) -> str:
     return f"[{addr}]" if family == 6 else addr
 
 
-def _payload(protocol: str, field: str) -> dict:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _prefix_json(cidr: str) -> dict:
-    net, _, plen = addr.network(cidr).partition("/")
-    return {"prefix": {"addr": net, "len": int(plen)}}
-
-
 # --------------------------------------------------------------------------
-# Pure rendering: forwards -> elements -> JSON commands (one function for add and delete).
+# Pure rendering: forwards -> elements -> netlink messages (one function for add and delete).
 
 
 def render_elements(forwards: Sequence[Forward]) -> Dict[str, Elem]:
@@ -302,110 +291,151 @@ def guest_marker(key: str, elements: Iterable[str] = ()) -> str:
     return addr.from_bytes(_sha256(data).digest()[:16])
 
 
-def marker_command(op: str, key: str, elements: Iterable[str] = (), value: Optional[str] = None) -> dict:
-    val: Any = value or guest_marker(key, elements)
-    if op == "add":
-        val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
-    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": GUESTS_SET, "elem": [val]}}}
+# nf_tables messages, as (nfproto family, NFT_MSG_*, nlmsg flags, attributes):
+# nfnetlink.transaction() commits a list of them as one batch.
+_INET = 1  # NFPROTO_INET
+_NEWSETELEM, _DELSETELEM, _NEWTABLE, _DELTABLE, _DELRULE = 12, 14, 0, 2, 8
+_NLM_F_CREATE = 0x400
+# A netlink attribute's length is 16 bits: the elements of one message stay
+# well below 64 KiB (an IPv6 element with sources and comment: ~130 bytes).
+_PER_MESSAGE = 256
 
 
-def element_json(e: Elem, key: Optional[str]) -> Any:
-    """The element as `add element` wants it (with comment) or `delete element` (key only)."""
-    val: Any = e.key_json()
-    if key is not None:
-        val = {"elem": {"val": val, "comment": COMMENT_PREFIX + key}}
-    return [val, e.data_json()] if key is not None else val
+def _attr(kind: int, value: bytes) -> bytes:
+    import _struct
+
+    data = _struct.pack("=HH", 4 + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
 
 
-def element_commands(op: str, elems: Iterable[Elem], key: Optional[str] = None) -> List[dict]:
-    """One add/delete command per map, each carrying all its elements."""
-    by_set: Dict[str, List[Any]] = {}
+def _nest(kind: int, value: bytes) -> bytes:
+    return _attr(kind | 0x8000, value)  # NLA_F_NESTED
+
+
+def _name(kind: int, text: str) -> bytes:
+    return _attr(kind, text.encode() + b"\0")
+
+
+def _comment(key: str) -> bytes:
+    """libnftnl's user data for an element comment: type 0, length, text."""
+    text = (COMMENT_PREFIX + key).encode() + b"\0"
+    return bytes((0, len(text))) + text
+
+
+def _elem_attrs(key: bytes, key_end: Optional[bytes], data: Optional[bytes], comment: Optional[bytes]) -> bytes:
+    out = _nest(1, _attr(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+    if key_end is not None:
+        out += _nest(10, _attr(1, key_end))  # NFTA_SET_ELEM_KEY_END
+    if data is not None:
+        out += _nest(2, _attr(1, data))  # NFTA_SET_ELEM_DATA
+    if comment is not None:
+        out += _attr(6, comment)  # NFTA_SET_ELEM_USERDATA
+    return _nest(1, out)  # NFTA_LIST_ELEM
+
+
+def _set_elem_ops(op: str, set_name: str, items: List[bytes]) -> List[tuple]:
+    kind, flags = (_NEWSETELEM, _NLM_F_CREATE) if op == "add" else (_DELSETELEM, 0)
+    head = _name(1, TABLE) + _name(2, set_name)  # NFTA_SET_ELEM_LIST_TABLE, _SET
+    return [(_INET, kind, flags, head + _nest(3, b"".join(items[i:i + _PER_MESSAGE])))
+            for i in range(0, len(items), _PER_MESSAGE)]
+
+
+def element_ops(op: str, elems: Iterable[Elem], key: Optional[str] = None) -> List[tuple]:
+    """Add (with the guest's comment) or delete elements: messages per map,
+    in a fixed order. One function for both directions; `delete element`
+    names only the key (and, for interval maps, its end)."""
+    by_set: Dict[str, List[bytes]] = {}
+    comment = _comment(key) if op == "add" and key is not None else None
     for e in elems:
-        by_set.setdefault(e.set_name, []).append(element_json(e, key if op == "add" else None))
-    return [
-        {op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": items}}}
-        for name, items in sorted(by_set.items())
-    ]
+        k, k_end = e.key_bytes()
+        item = _elem_attrs(k, k_end, e.data_bytes() if op == "add" else None, comment)
+        by_set.setdefault(e.set_name, []).append(item)
+    return [m for name, items in sorted(by_set.items()) for m in _set_elem_ops(op, name, items)]
 
 
-def _mark_match(bit: int = MARK) -> dict:
-    return {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, bit]}, "right": bit}}
+def marker_ops(op: str, key: str, elements: Iterable[str] = (), value: Optional[str] = None) -> List[tuple]:
+    """Add or delete the guest's element of set `guests` (its value given,
+    or the marker of `elements`)."""
+    import _socket
+
+    raw = _socket.inet_pton(_socket.AF_INET6, value or guest_marker(key, elements))
+    return _set_elem_ops(op, GUESTS_SET, [_elem_attrs(raw, None, None, _comment(key) if op == "add" else None)])
 
 
-def _mark_set(bit: int = MARK) -> dict:
-    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, bit]}}}
+def table_ops(op: str) -> List[tuple]:
+    """Create (no-op if it exists) or delete our table."""
+    if op == "add":
+        return [(_INET, _NEWTABLE, _NLM_F_CREATE, _name(1, TABLE))]
+    return [(_INET, _DELTABLE, 0, _name(1, TABLE))]
 
 
-def _loopback(family: int) -> Any:
-    return {"prefix": {"addr": "127.0.0.0", "len": 8}} if family == 4 else "::1"
+def delete_rule_op(family: str, handle: int) -> tuple:
+    """Delete one rule of libvirt's forward chain by handle (our accept)."""
+    import _struct
+
+    fam = 2 if family == "ip" else 10
+    return (fam, _DELRULE, 0, _name(1, LIBVIRT_TABLE) + _name(2, LIBVIRT_CHAIN) + _attr(3, _struct.pack("!Q", handle)))
 
 
-def _rule(chain: str, expr: List[dict]) -> dict:
-    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}}
+# The base: our table, maps, chains and their fixed rules, in nft's text
+# syntax (see declarations() for why text). Applied as one idempotent text
+# batch whenever the cheap check (base_problems) finds anything amiss.
+
+_MARK_MATCH = f"ct mark & {MARK:#010x} == {MARK:#010x}"
+_MASQ_MATCH = f"ct mark & {MASQ:#010x} == {MASQ:#010x}"
+_MARK_SET = f"ct mark set ct mark | {MARK:#010x}"
+ACCEPT_RULE = f"{_MARK_MATCH} accept"
 
 
-def base_rules() -> List[dict]:
-    """The fixed rules of our chains, in order."""
+def _translate_rule(spec: MapSpec) -> str:
+    key = []
+    if spec.host:
+        key.append(f"{spec.proto} daddr")
+    if spec.sourced:
+        key.append(f"{spec.proto} saddr")
+    keys = " . ".join(key + ["meta l4proto", "th dport"])
+    loopback = "127.0.0.0/8" if spec.family == 4 else "::1"
+    # The protocol test is needed by nft before `th dport`, and skips other
+    # protocols early; "any host address" means non-loopback (opt-in).
+    guard = "" if spec.host else f"{spec.proto} daddr != {loopback} "
+    return (f"meta l4proto {{ {', '.join(PROTOCOLS)} }} {guard}{keys} @{spec.name} "
+            f"{_MARK_SET} dnat {spec.proto} to {keys} map @{spec.name}")
+
+
+def base_rules() -> List[Tuple[str, str]]:
+    """(chain, rule) of our chains' fixed rules, in order."""
     rules = [
         # A loopback destination arriving from outside is never translated:
         # a forward bound to 127.0.0.1 is the host's own (output hook only).
-        _rule("prerouting", [{"match": {"op": "==", "left": _payload("ip", "daddr"), "right": _loopback(4)}},
-                             {"return": None}]),
-        _rule("prerouting", [{"match": {"op": "==", "left": _payload("ip6", "daddr"), "right": _loopback(6)}},
-                             {"return": None}]),
-        _rule("prerouting", [{"jump": {"target": "translate"}}]),
-        _rule("output", [{"jump": {"target": "translate"}}]),
-        _rule(
-            "translate",
-            [
-                {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}},
-                {"return": None},
-            ],
-        ),
+        ("prerouting", "ip daddr 127.0.0.0/8 return"),
+        ("prerouting", "ip6 daddr ::1 return"),
+        ("prerouting", "jump translate"),
+        ("output", "jump translate"),
+        ("translate", "fib daddr type != local return"),
     ]
-    for spec in MAPS:
-        expr: List[dict] = [
-            # Needed by nft before `th dport`; also skips other protocols early.
-            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": list(PROTOCOLS)}}}
-        ]
-        if not spec.host:
-            # "any host address" means non-loopback: 127.0.0.1 is opt-in.
-            expr.append(
-                {"match": {"op": "!=", "left": _payload(spec.proto, "daddr"), "right": _loopback(spec.family)}}
-            )
-        expr += [
-            {"match": {"op": "==", "left": spec.key_expr(), "right": "@" + spec.name}},
-            _mark_set(),
-            {"dnat": {"family": spec.proto, "addr": {"map": {"key": spec.key_expr(), "data": "@" + spec.name}}}},
-        ]
-        rules.append(_rule("translate", expr))
-    rules.append(
-        _rule(
-            "hairpin",
-            [
-                # Cheapest test first: this base chain sees every packet.
-                _mark_match(),
-                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
-                # The (DNATed) destination is routed out of the input interface.
-                {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["daddr", "iif"]}}, "right": True}},
-                _mark_set(MASQ),
-            ],
-        )
-    )
-    for fam in (4, 6):
-        proto = "ip" if fam == 4 else "ip6"
-        rules.append(
-            _rule(
-                "postrouting",
-                [
-                    _mark_match(),
-                    {"match": {"op": "==", "left": _payload(proto, "saddr"), "right": _loopback(fam)}},
-                    {"masquerade": None},
-                ],
-            )
-        )
-    rules.append(_rule("postrouting", [_mark_match(MASQ), {"masquerade": None}]))
+    # Order matters: the most specific map first.
+    rules += [("translate", _translate_rule(spec)) for spec in MAPS]
+    # Cheapest test first (this base chain sees every packet); then: the
+    # DNATed destination is routed out of the input interface.
+    rules.append(("hairpin", f"{_MARK_MATCH} ct state new fib daddr . iif oif exists "
+                             f"ct mark set ct mark | {MASQ:#010x}"))
+    rules += [
+        ("postrouting", f"{_MARK_MATCH} ip saddr 127.0.0.0/8 masquerade"),
+        ("postrouting", f"{_MARK_MATCH} ip6 saddr ::1 masquerade"),
+        ("postrouting", f"{_MASQ_MATCH} masquerade"),
+    ]
     return rules
+
+
+def expected_use() -> Dict[str, int]:
+    """What nf_tables counts as each chain's use when the base is intact:
+    its rules plus the jumps to it (NFTA_CHAIN_USE)."""
+    use = {name: 0 for name, _hook in CHAINS}
+    for chain, rule in base_rules():
+        use[chain] += 1
+        if rule.startswith("jump "):
+            use[rule.split()[1]] += 1
+    return use
 
 
 def declarations() -> str:
@@ -429,79 +459,64 @@ def declarations() -> str:
     return "\n".join(lines) + "\n"
 
 
-def base_commands() -> List[dict]:
-    """Create (idempotently) the chains and reset their rules (maps: see declarations())."""
-    cmds: List[dict] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+def base_text() -> str:
+    """Create (idempotently) table, maps, chains, and reset the chains' rules."""
+    lines = [declarations().rstrip("\n")]
     for name, hook in CHAINS:
-        c: Dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name}
-        if hook:
-            c.update(type=hook[0], hook=hook[1], prio=hook[2], policy="accept")
-        cmds.append({"add": {"chain": c}})
-    for name, _hook in CHAINS:
-        cmds.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
-    return cmds + base_rules()
+        spec = f" {{ type {hook[0]} hook {hook[1]} priority {hook[2]}; policy accept; }}" if hook else ""
+        lines.append(f"add chain {FAMILY} {TABLE} {name}{spec}")
+    lines += [f"flush chain {FAMILY} {TABLE} {name}" for name, _hook in CHAINS]
+    lines += [f"add rule {FAMILY} {TABLE} {chain} {rule}" for chain, rule in base_rules()]
+    return "\n".join(lines) + "\n"
 
 
-def accept_rule_expr() -> List[dict]:
-    return [_mark_match(), {"accept": None}]
+def accept_fix_text(family: str, delete: Sequence[int], insert: bool) -> str:
+    """Delete our rules `delete` (handles) from libvirt's forward chain and,
+    if `insert`, put today's accept at its top (`insert` without a position)."""
+    where = f"{family} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
+    lines = [f"delete rule {where} handle {h}" for h in delete]
+    if insert:
+        lines.append(f'insert rule {where} {ACCEPT_RULE} comment "{TAG}"')
+    return "".join(line + "\n" for line in lines)
 
 
-def is_current_accept(expr: Any) -> bool:
-    """Whether a listed rule is today's accept (tolerant of how nft renders it)."""
-    if not isinstance(expr, list) or len(expr) != 2 or expr[-1] != {"accept": None}:
+def is_current_accept(parts: Sequence[Tuple[str, list]]) -> bool:
+    """Whether a rule's expressions (nfnetlink.rule_parts) are today's accept:
+    ct mark loaded, masked with MARK, compared equal to MARK, accept."""
+    import _struct
+
+    def one(attrs: list, kind: int) -> Optional[bytes]:
+        found = [v for k, v in attrs if k == kind]
+        return found[0] if len(found) == 1 else None
+
+    def value(attrs: list, kind: int) -> Optional[bytes]:
+        nested = one(attrs, kind)  # { NFTA_DATA_VALUE }
+        return nested[4:8] if nested is not None and len(nested) == 8 and nested[2:4] == b"\1\0" else None
+
+    names = [n for n, _a in parts]
+    if names == ["counter", "ct", "bitwise", "cmp", "immediate"]:
+        parts = parts[1:]
+    elif names != ["ct", "bitwise", "cmp", "immediate"]:
         return False
-    m = expr[0].get("match") if isinstance(expr[0], dict) else None
-    if not m or m.get("op") not in ("==", "in"):
-        return False
-    left = m.get("left")
+    (_n1, ct), (_n2, bitwise), (_n3, cmp), (_n4, imm) = parts
+    mark = _struct.pack("=I", MARK)
+    verdict = one(imm, 2) or b""  # NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { NFTA_VERDICT_CODE } }
     return (
-        isinstance(left, dict)
-        and left.get("&") == [{"ct": {"key": "mark"}}, MARK]
-        and m.get("right") == MARK
+        one(ct, 2) == _struct.pack("!I", 3)  # NFTA_CT_KEY: NFT_CT_MARK
+        and value(bitwise, 4) == mark and value(bitwise, 5) == b"\0\0\0\0"  # mask, xor
+        and one(cmp, 2) == b"\0\0\0\0" and value(cmp, 3) == mark  # NFT_CMP_EQ
+        and verdict.endswith(_struct.pack("!I", 1))  # NF_ACCEPT
+        and len(verdict) == 12
     )
 
 
-def libvirt_fix_commands(family: str, listing: Sequence[dict]) -> List[dict]:
-    """Commands that leave exactly one current accept at the top of libvirt's chain.
-
-    `listing` is the `list chain` output (with handles) of that chain; an
-    empty result means nothing to change.
-    """
-    rules = [o["rule"] for o in listing if "rule" in o]
-    ours = [r for r in rules if r.get("comment") == TAG]
-    keep = None
-    if ours and rules[0] is ours[0] and is_current_accept(ours[0].get("expr")):
-        keep = ours[0]
-    cmds: List[dict] = []
-    for r in ours:
-        if r is not keep:
-            cmds.append(
-                {
-                    "delete": {
-                        "rule": {
-                            "family": family,
-                            "table": LIBVIRT_TABLE,
-                            "chain": LIBVIRT_CHAIN,
-                            "handle": r["handle"],
-                        }
-                    }
-                }
-            )
-    if keep is None:
-        cmds.append(
-            {
-                "insert": {
-                    "rule": {
-                        "family": family,
-                        "table": LIBVIRT_TABLE,
-                        "chain": LIBVIRT_CHAIN,
-                        "expr": accept_rule_expr(),
-                        "comment": TAG,
-                    }
-                }
-            }
-        )
-    return cmds
+def accept_fixes(rules: Sequence[Tuple[int, Optional[str], list]]) -> Tuple[List[int], bool]:
+    """From libvirt's forward chain (nfnetlink.rule_parts, in order): which
+    of our rules to delete and whether to insert the accept, so that
+    exactly one current accept stays, at the top."""
+    ours = [r for r in rules if r[1] == TAG]
+    keep = ours[0] if ours and rules[0] is ours[0] and is_current_accept(ours[0][2]) else None
+    return [r[0] for r in ours if r is not keep], keep is None
 
 
 # --------------------------------------------------------------------------
@@ -616,8 +631,9 @@ class NftablesBackend(Backend):
     def __init__(self) -> None:
         self._ctx = None
         self._rendered: Optional[Tuple[Tuple[Forward, ...], Dict[str, Elem]]] = None
+        self._last_checked: Optional[str] = None  # the key last_guest() found alone
 
-    # -- libnftables plumbing
+    # -- libnftables (listings, and text batches when no nft binary is at hand)
 
     def _nft(self):
         if self._ctx is None:
@@ -637,29 +653,9 @@ class NftablesBackend(Backend):
             _hold_socket_past_exit(ctx)
         return self._ctx
 
-    def _run(self, cmds: List[dict]) -> Tuple[int, Any, str]:
-        if not cmds:
-            return 0, None, ""
-        rc, out, err = self._nft().json_cmd({"nftables": cmds})
-        return rc, out, err or ""
-
-    def _transaction(self, cmds: List[dict]) -> Optional[str]:
-        """Run one atomic batch; the error text, or None on success."""
-        rc, _out, err = self._run(cmds)
-        return None if rc == 0 else (err.strip() or f"nft returned {rc}")
-
-    def _write(self, cmds: List[dict]) -> Optional[str]:
-        """Declare our maps, then run `cmds` (which may use them) as one batch."""
-        rc, _out, err = self._nft().cmd(declarations())
-        if rc != 0:
-            # Never go on: a rule naming a map that is not ours-as-declared
-            # can crash libnftables 1.0.x.
-            return f"cannot declare table {FAMILY} {TABLE} (run `vnethook flush`?): {(err or '').strip()}"
-        return self._transaction(cmds)
-
     def _list(self, obj: dict) -> Optional[List[dict]]:
         """A listing's objects, or None if the object does not exist."""
-        rc, out, _err = self._run([{"list": obj}])
+        rc, out, _err = self._nft().json_cmd({"nftables": [{"list": obj}]})
         if rc != 0 or not isinstance(out, dict):
             return None
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
@@ -667,22 +663,68 @@ class NftablesBackend(Backend):
     def _list_table(self) -> Optional[List[dict]]:
         return self._list({"table": {"family": FAMILY, "name": TABLE}})
 
-    def _list_libvirt_chain(self, family: str) -> Optional[List[dict]]:
-        return self._list({"chain": {"family": family, "table": LIBVIRT_TABLE, "name": LIBVIRT_CHAIN}})
+    def _text(self, text: str) -> Optional[str]:
+        """Run an nft text batch (one transaction); the error, or None.
 
-    def _libvirt_fixes(self) -> Tuple[List[dict], List[str]]:
-        cmds: List[dict] = []
-        problems: List[str] = []
+        The `nft` binary (libvirt's nftables backend runs it too) when the
+        binding is not loaded yet: starting it costs less than importing
+        the binding. Else, or without the binary, the binding.
+        """
+        if self._ctx is None:
+            from vnethook.firewall.tools import find_tool, run_tool
+
+            try:
+                tool = find_tool("nft", "nftables")
+            except FirewallError:
+                tool = None
+            if tool is not None:
+                status, _out, err, _ = run_tool([tool, "-f", "-"], text.encode())
+                return None if status == 0 else (err.strip() or f"nft exited with {status}")
+        rc, _out, err = self._nft().cmd(text)
+        return None if rc == 0 else ((err or "").strip() or f"nft returned {rc}")
+
+    # -- cheap checks over netlink
+
+    def _accept_problems(self) -> Tuple[str, List[str]]:
+        """The text that leaves exactly one current accept at the top of
+        libvirt's forward chains, and what is wrong there (empty: nothing)."""
+        from vnethook.firewall import nfnetlink
+
+        fixes, problems = [], []
         for fam in LIBVIRT_FAMILIES:
-            listing = self._list_libvirt_chain(fam)
-            if listing is None:
+            raw = nfnetlink.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN)
+            rules = [nfnetlink.rule_parts(r) for r in raw] if raw is not None else None
+            if rules is None or any(r is None for r in rules):
                 problems.append(
                     f"chain {LIBVIRT_CHAIN} of table {fam} {LIBVIRT_TABLE} not found "
                     "(libvirt not started, or not using nftables): accept rule not installed"
                 )
                 continue
-            cmds += libvirt_fix_commands(fam, listing)
-        return cmds, problems
+            delete, insert = accept_fixes(rules)  # type: ignore[arg-type]
+            if delete or insert:
+                fixes.append(accept_fix_text(fam, delete, insert))
+                problems.append(f"accept rule missing, duplicated or not at the top of "
+                                f"{fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}")
+        return "".join(fixes), problems
+
+    def _base_intact(self) -> bool:
+        """Our chains exist and hold as many rules and jumps as the base has
+        (NFTA_CHAIN_USE: one GETCHAIN each, cost independent of the guests)."""
+        from vnethook.firewall import nfnetlink
+
+        return all(nfnetlink.chain_use("inet", TABLE, name) == n for name, n in expected_use().items())
+
+    def _our_accepts(self) -> List[tuple]:
+        """Delete messages for every rule of ours in libvirt's forward chains."""
+        from vnethook.firewall import nfnetlink
+
+        ops = []
+        for fam in LIBVIRT_FAMILIES:
+            for raw in nfnetlink.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN) or ():
+                r = nfnetlink.rule_parts(raw)
+                if r is not None and r[1] == TAG:
+                    ops.append(delete_rule_op(fam, r[0]))
+        return ops
 
     def _guest_elements(
         self, key: str, want: Optional[Dict[str, Elem]] = None
@@ -695,7 +737,7 @@ class NftablesBackend(Backend):
         if listing is None:
             return found, [], []
         marker = [v for k, v in _markers(listing) if k == key]
-        wanted_keys = {(e.set_name, json.dumps(e.key_json())): t for t, e in (want or {}).items()}
+        wanted_keys = {(e.set_name, e.key_bytes()) for e in (want or {}).values()}
         clashes: List[str] = []
         for set_name, entry in _set_items(listing):
             try:
@@ -704,7 +746,7 @@ class NftablesBackend(Backend):
                 continue
             if owner == key:
                 found[e.canonical()] = e
-            elif (set_name, json.dumps(e.key_json())) in wanted_keys:
+            elif (set_name, e.key_bytes()) in wanted_keys:
                 clashes.append(f"{e.canonical()} (owned by {owner or 'nobody: untagged'})")
         return found, marker, sorted(clashes)
 
@@ -731,18 +773,20 @@ class NftablesBackend(Backend):
         return Owned(found, [TABLE], (markers, clashes))
 
     def plan(self, key: str, old: Dict[str, Any], new: Dict[str, Any], owned: Optional[Owned]) -> List[Unit]:
-        """One transaction: element deletions and additions, the guest's
-        marker, and (when adding) the base and libvirt's accept.
+        """The base when it needs anything (a text batch), then one netlink
+        transaction: element deletions and additions and the guest's marker.
 
-        Re-adding what is already there is a no-op for identical elements,
-        and restores them if someone flushed our table. Without a listing,
-        the old marker's delete fails the batch unless `old` is what is
-        installed as this guest's (guest_marker); an empty `old` means
-        nothing was installed, so there is no marker to delete. `undo` stays
-        empty: the transaction is the whole change.
+        Re-adding what is already there is a no-op for identical elements.
+        Without a listing, the old marker's delete fails the batch unless
+        `old` is what is installed as this guest's (guest_marker); an empty
+        `old` means nothing was installed, so there is no marker to delete.
+        The fast path checks the base cheaply (chain use counts, libvirt's
+        chains) and sends its text only when something is amiss; the slow
+        path always re-sends it. `undo` stays empty: the base is idempotent
+        and the transaction is the whole change.
         """
         if owned is None:
-            markers = [marker_command("delete", key, old)] if old else []
+            markers = marker_ops("delete", key, old) if old else []
         else:
             values, clashes = owned.context
             if clashes and new:
@@ -751,59 +795,81 @@ class NftablesBackend(Backend):
                     + "; ".join(clashes[:5])
                     + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
                 )
-            markers = [marker_command("delete", key, value=v) for v in values]
+            markers = [m for v in values for m in marker_ops("delete", key, value=v)]
         gone = [e for t, e in old.items() if t not in new] if new else list(old.values())
-        cmds = element_commands("delete", gone) + markers
+        ops = element_ops("delete", gone) + markers
+        units = []
         if new:
-            fixes, _problems = self._libvirt_fixes()
-            cmds = base_commands() + fixes + cmds + self._adds(key, new)
-        return [Unit(TABLE, TABLE, tuple(cmds))] if cmds else []
-
-    @staticmethod
-    def _adds(key: str, want: Dict[str, Elem]) -> List[dict]:
-        return element_commands("add", want.values(), key) + [marker_command("add", key, want)]
+            ops += element_ops("add", new.values(), key) + marker_ops("add", key, new)
+            fixes, _problems = self._accept_problems()
+            if owned is not None or fixes or not self._base_intact():
+                units.append(Unit(TABLE, "base", (base_text() + fixes,)))
+        if ops:
+            units.append(Unit(TABLE, TABLE, tuple(ops)))
+        return units
 
     def commit(self, units: List[Unit]) -> None:
-        """Each unit is one transaction; one that adds declares our maps first."""
+        """Units in order: the base's text batch, the teardown check, or one
+        netlink transaction."""
+        from vnethook.firewall import nfnetlink
+
         done: List[Unit] = []
         for u in units:
             if u.part == "teardown":
                 self._teardown_if_empty()
                 continue
-            cmds = list(u.do)
-            adds = any("add" in c for c in cmds)
-            err = self._write(cmds) if adds else self._transaction(cmds)
-            if err is not None:
-                what = "apply" if adds else "remove"
-                raise CommitError(f"nftables: cannot {what} forwards: {err}", done)
+            if u.part == "base":
+                err = self._text("".join(u.do))
+                if err is not None:
+                    # Never go on: a rule naming a map that is not
+                    # ours-as-declared can crash libnftables 1.0.x.
+                    raise CommitError(f"nftables: cannot create table {FAMILY} {TABLE} and its chains "
+                                      f"(run `vnethook flush`?): {err}", done)
+            else:
+                err = nfnetlink.transaction(list(u.do))
+                if err is not None:
+                    what = "apply" if any(op[1] == _NEWSETELEM for op in u.do) else "remove"
+                    raise CommitError(f"nftables: cannot {what} forwards: {err}", done)
             done.append(u)
 
-    def teardown_units(self, scope: Any) -> List[Unit]:
-        """Whether any guest is left is read from set `guests` (cheap), not
-        tested by a failing batch: _teardown_if_empty()."""
-        return [Unit(TABLE, "teardown", ())]
+    def last_guest(self, scope: Any, key: str, old: Dict[str, Any]) -> Optional[bool]:
+        """Whether this guest's marker is the only element of set `guests`
+        (one dump of that set); then teardown_units() deletes the table in
+        the same transaction."""
+        import _socket
 
-    def _list_guests_set(self) -> Optional[str]:
-        """Set `guests` in nft's text form (cheap), or None if it is missing."""
-        rc, out, _err = self._nft().cmd(f"list set {FAMILY} {TABLE} {GUESTS_SET}")
-        return (out or "") if rc == 0 else None
+        from vnethook.firewall import nfnetlink
 
-    def _table_exists(self) -> bool:
-        # `list tables` makes libnftables 1.0.x fetch every set element of
-        # every table: only asked when the cheap `list set` failed.
-        if self._list_guests_set() is not None:
+        self._last_checked = None
+        keys = nfnetlink.set_keys("inet", TABLE, GUESTS_SET)
+        if keys is None:
+            return None
+        mine = _socket.inet_pton(_socket.AF_INET6, guest_marker(key, old))
+        if mine not in keys:
+            return None  # the fast path fails on the marker anyway
+        if len(keys) == 1:
+            self._last_checked = key
             return True
-        rc, out, _err = self._nft().cmd(f"list tables {FAMILY}")
-        return rc == 0 and f"table {FAMILY} {TABLE}" in (out or "").splitlines()
+        return False
+
+    def teardown_units(self, scope: Any) -> List[Unit]:
+        """Right after last_guest() said so: delete the table and our
+        accepts (netlink, joined to the removal's transaction). Else a step
+        that reads set `guests` first (_teardown_if_empty)."""
+        if self._last_checked is not None:
+            self._last_checked = None
+            return [Unit(TABLE, TABLE, tuple(table_ops("delete") + self._our_accepts()))]
+        return [Unit(TABLE, "teardown", ())]
 
     def _teardown_if_empty(self) -> None:
         """Remove table and accepts once no guest has forwards (see module doc)."""
-        guests = self._list_guests_set()
-        if guests is not None:
-            if "elements = {" in guests:
-                return
-        elif self._table_exists():
-            return  # our table without the marker set: not ours to judge, leave it
+        from vnethook.firewall import nfnetlink
+
+        keys = nfnetlink.set_keys("inet", TABLE, GUESTS_SET)
+        if keys:
+            return
+        if keys is None and nfnetlink.table_exists("inet", TABLE) is not False:
+            return  # our table without the marker set (or no answer): not ours to judge, leave it
         self.flush()
 
     def snapshot(self) -> Snapshot:
@@ -811,39 +877,35 @@ class NftablesBackend(Backend):
         listing = self._list_table()
         if listing is None:
             # Nothing installed is a fine base, unless an accept was left behind.
-            for fam in LIBVIRT_FAMILIES:
-                if any((o.get("rule") or {}).get("comment") == TAG for o in self._list_libvirt_chain(fam) or ()):
-                    snap.base_ok = False
+            if self._our_accepts():
+                snap.base_ok = False
+                for fam in LIBVIRT_FAMILIES:
                     snap.problems.append(
                         f"accept rule in {fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN} without table {FAMILY} {TABLE}"
                     )
             return snap
-        else:
-            self._check_table(listing, snap)
-            for set_name, entry in _set_items(listing):
-                try:
-                    e, owner = parse_listed_element(set_name, entry)
-                except (ValueError, TypeError, KeyError):
-                    snap.problems.append(f"unreadable element in {set_name}: {entry!r}")
-                    continue
-                if owner is None:
-                    snap.problems.append(f"untagged element in {set_name}: {e.canonical()}")
-                    continue
-                snap.guests.setdefault(owner, set()).add(e.canonical())
-            markers = set(_marker_owners(listing))
-            for k in sorted(set(snap.guests) - markers):
-                snap.problems.append(f"guest {k} has forwards but no element in set {GUESTS_SET}")
-            for k in sorted(markers - set(snap.guests)):
-                snap.problems.append(f"guest {k} has an element in set {GUESTS_SET} but no forwards")
-        for fam in LIBVIRT_FAMILIES:
-            chain = self._list_libvirt_chain(fam)
-            where = f"{fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
-            if chain is None:
-                snap.problems.append(f"chain {where} not found (libvirt not started?): no accept rule")
+        self._check_table(listing, snap)
+        for set_name, entry in _set_items(listing):
+            try:
+                e, owner = parse_listed_element(set_name, entry)
+            except (ValueError, TypeError, KeyError):
+                snap.problems.append(f"unreadable element in {set_name}: {entry!r}")
                 continue
-            if libvirt_fix_commands(fam, chain):
-                snap.base_ok = False
-                snap.problems.append(f"accept rule missing, duplicated or not at the top of {where}")
+            if owner is None:
+                snap.problems.append(f"untagged element in {set_name}: {e.canonical()}")
+                continue
+            snap.guests.setdefault(owner, set()).add(e.canonical())
+        markers = set(_marker_owners(listing))
+        for k in sorted(set(snap.guests) - markers):
+            snap.problems.append(f"guest {k} has forwards but no element in set {GUESTS_SET}")
+        for k in sorted(markers - set(snap.guests)):
+            snap.problems.append(f"guest {k} has an element in set {GUESTS_SET} but no forwards")
+        fixes, problems = self._accept_problems()
+        if fixes:
+            snap.base_ok = False
+        snap.problems += [p.replace(": accept rule not installed", ": no accept rule")
+                          .replace("(libvirt not started, or not using nftables)", "(libvirt not started?)")
+                          for p in problems]
         return snap
 
     @staticmethod
@@ -855,8 +917,7 @@ class NftablesBackend(Backend):
             if "rule" in o:
                 counts[o["rule"]["chain"]] = counts.get(o["rule"]["chain"], 0) + 1
         expected: Dict[str, int] = {}
-        for r in base_rules():
-            c = r["add"]["rule"]["chain"]
+        for c, _rule in base_rules():
             expected[c] = expected.get(c, 0) + 1
         for name, _hook in CHAINS:
             if name not in chains:
@@ -877,42 +938,28 @@ class NftablesBackend(Backend):
             snap.problems.append(f"set {GUESTS_SET} missing from table {FAMILY} {TABLE}")
 
     def flush(self) -> None:
+        """Our table (whether or not it exists: add, then delete) and our
+        accepts, in one netlink transaction; tried twice (a rule libvirt
+        deleted in between)."""
+        from vnethook.firewall import nfnetlink
+
         err = None
         for _attempt in range(2):
-            cmds: List[dict] = [
-                # add+delete: deletes the table whether or not it exists.
-                {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-                {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
-            ]
-            for fam in LIBVIRT_FAMILIES:
-                for o in self._list_libvirt_chain(fam) or ():
-                    r = o.get("rule")
-                    if r and r.get("comment") == TAG:
-                        cmds.append(
-                            {
-                                "delete": {
-                                    "rule": {
-                                        "family": fam,
-                                        "table": LIBVIRT_TABLE,
-                                        "chain": LIBVIRT_CHAIN,
-                                        "handle": r["handle"],
-                                    }
-                                }
-                            }
-                        )
-            err = self._transaction(cmds)
+            err = nfnetlink.transaction(table_ops("add") + table_ops("delete") + self._our_accepts())
             if err is None:
                 return
         raise FirewallError(f"nftables: cannot flush: {err}")
 
     def ensure_base(self) -> None:
-        if not self._table_exists():
+        from vnethook.firewall import nfnetlink
+
+        if nfnetlink.table_exists("inet", TABLE) is False:
             self.flush()  # nothing installed: only drop accepts left behind, if any
             return
         err = None
         for _attempt in range(2):
-            fixes, _problems = self._libvirt_fixes()
-            err = self._write(base_commands() + fixes)
+            fixes, _problems = self._accept_problems()
+            err = self._text(base_text() + fixes)
             if err is None:
                 return
         raise FirewallError(f"nftables: cannot create base chains: {err}")

@@ -332,7 +332,7 @@ def views(flavours: "Iterable[str]" = FLAVOURS, skip: "Iterable[Tuple[str, int]]
                 # that does not exist; adding to them would create it.
                 out[(flavour, fam)] = None
                 continue
-            from vnethook.firewall.iptables_nft import find_tool, run_tool
+            from vnethook.firewall.tools import find_tool, run_tool
 
             tool = f"ip{'6' if fam == 6 else ''}tables-{flavour}-save"
             try:
@@ -353,7 +353,7 @@ def ensure(active: bool, covered: "Optional[str]" = None) -> "List[str]":
         lines = changes(view, active, covered == flavour)
         if not lines:
             continue
-        from vnethook.firewall.iptables_nft import find_tool, run_tool
+        from vnethook.firewall.tools import find_tool, run_tool
 
         tool = f"ip{'6' if fam == 6 else ''}tables-{flavour}-restore"
         batch = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
