@@ -1,16 +1,22 @@
-"""Pure rendering of the nftables backend: forwards -> elements -> JSON, and back.
+"""The nftables backend's rendering: forwards -> elements -> netlink, and back.
 
-No firewall is touched here; the behaviour with real packets is covered by
-tests/acceptance (parametrized over all backends). These tests pin down the
-parts that must agree with each other without a kernel: the record strings,
-the element JSON, what a real nft 1.0.6 listing parses back into, and the
-accept-rule repair plan for libvirt's chain.
+The pure tests pin down the parts that must agree with each other without
+a kernel: the record strings, the elements' bytes, what a real nft 1.0.6
+listing parses back into, and the base's text. The kernel tests (a private
+network namespace each) hold the netlink messages to what libnftables
+reads back, the cheap base and accept checks to what they check, and the
+last guest's teardown to leaving libvirt's rules alone. The behaviour with
+real packets is covered by tests/acceptance (parametrized over all
+backends).
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import sys
+import textwrap
 from typing import Any, List
 
 import pytest
@@ -19,6 +25,7 @@ from vnethook.firewall.base import TAG, FirewallError
 from vnethook.firewall import nftables as nb
 from vnethook.model import Forward
 from forward_factory import fwd
+from fresh import in_netns, why_no_netns
 
 
 def v6(**kw: Any) -> Forward:
@@ -35,8 +42,9 @@ def test_single_wildcard_forward():
     assert list(els) == ["tcp *:8080 -> 192.0.2.10:80"]
     e = els["tcp *:8080 -> 192.0.2.10:80"]
     assert e.set_name == "fwd4_any"
-    assert e.key_json() == {"concat": ["tcp", 8080]}
-    assert e.data_json() == {"concat": ["192.0.2.10", 80]}
+    # each field of the concatenation fills 32-bit registers; the port is big-endian
+    assert e.key_bytes() == (b"\x06\0\0\0" + struct.pack("!H", 8080) + b"\0\0", None)
+    assert e.data_bytes() == socket.inet_aton("192.0.2.10") + struct.pack("!H", 80) + b"\0\0"
 
 
 def test_range_maps_by_offset_one_element_per_port():
@@ -50,7 +58,7 @@ def test_host_address_selects_host_map():
     (e,) = nb.render_elements([fwd(host_address="198.51.100.1")]).values()
     assert e.set_name == "fwd4_host"
     assert e.canonical() == "tcp 198.51.100.1:8080 -> 192.0.2.10:80"
-    assert e.key_json() == {"concat": ["198.51.100.1", "tcp", 8080]}
+    assert e.key_bytes() == (socket.inet_aton("198.51.100.1") + b"\x06\0\0\0\x1f\x90\0\0", None)
 
 
 def test_sources_use_interval_maps_per_source_and_port():
@@ -64,7 +72,10 @@ def test_sources_use_interval_maps_per_source_and_port():
     ]
     e = els["tcp 198.51.100.1:22 from 203.0.113.0/24 -> 192.0.2.10:22"]
     assert e.set_name == "fwd4_host_src"
-    assert e.key_json() == {"concat": ["198.51.100.1", {"prefix": {"addr": "203.0.113.0", "len": 24}}, "tcp", 22]}
+    host, tail = socket.inet_aton("198.51.100.1"), b"\x06\0\0\0\0\x16\0\0"
+    # an interval map's element: the first and the last source address
+    assert e.key_bytes() == (host + socket.inet_aton("203.0.113.0") + tail,
+                             host + socket.inet_aton("203.0.113.255") + tail)
     (w,) = nb.render_elements([fwd(sources=("203.0.113.0/24",))]).values()
     assert w.set_name == "fwd4_any_src"
 
@@ -128,32 +139,14 @@ ALL = [
 
 def test_canonical_strings_name_one_element_each():
     els = nb.render_elements(ALL)
-    assert len({(e.set_name, e.key_text()) for e in els.values()}) == len(els)
+    assert len({(e.set_name, e.key_bytes()) for e in els.values()}) == len(els)
     for text, e in els.items():
-        assert e.canonical() == text and "\n" not in e.key_text()
-
-
-def test_add_commands_carry_comment_and_data_delete_only_keys():
-    els = nb.render_elements([fwd(), fwd(host_ports=(9000, 9000)), v6()]).values()
-    adds = nb.element_commands("add", els, "web1-abc")
-    assert [c["add"]["element"]["name"] for c in adds] == ["fwd4_any", "fwd6_any"]
-    items = adds[0]["add"]["element"]["elem"]
-    assert len(items) == 2
-    assert items[0] == [{"elem": {"val": {"concat": ["tcp", 8080]}, "comment": "vnethook:web1-abc"}},
-                        {"concat": ["192.0.2.10", 80]}]
-    dels = nb.element_commands("delete", els)
-    assert dels[0]["delete"]["element"]["elem"][0] == {"concat": ["tcp", 8080]}
-    assert all(c["delete"]["element"]["family"] == "inet" and c["delete"]["element"]["table"] == "vnethook"
-               for c in dels)
+        assert e.canonical() == text
 
 
 def test_guest_marker_is_stable_and_distinct():
     a, b = nb.guest_marker("web1-0123456789ab"), nb.guest_marker("web2-0123456789ab")
     assert a == nb.guest_marker("web1-0123456789ab") and a != b
-    add = nb.marker_command("add", "web1-0123456789ab")["add"]["element"]
-    assert add["name"] == nb.GUESTS_SET
-    assert add["elem"] == [{"elem": {"val": a, "comment": "vnethook:web1-0123456789ab"}}]
-    assert nb.marker_command("delete", "web1-0123456789ab")["delete"]["element"]["elem"] == [a]
 
 
 # --- a real listing (nft 1.0.6, `list table inet vnethook`, JSON) -> the same strings --------------
@@ -228,56 +221,54 @@ def test_listed_range_that_is_no_prefix_is_refused():
         nb._listed_net({"range": ["203.0.113.1", "203.0.113.5"]})
 
 
-# --- base rules ------------------------------------------------------------------------------
+# --- base rules (text) ---------------------------------------------------------------------------
 
 
 def _rules(chain):
-    return [r["add"]["rule"]["expr"] for r in nb.base_rules() if r["add"]["rule"]["chain"] == chain]
+    return [r for c, r in nb.base_rules() if c == chain]
 
 
 def test_translate_tries_most_specific_map_first_and_marks():
     rules = _rules("translate")
-    assert rules[0] == [{"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                                   "right": "local"}}, {"return": None}]
-    order = [next(m["match"]["right"] for m in r if "match" in m and str(m["match"]["right"]).startswith("@"))
-             for r in rules[1:]]
+    assert rules[0] == "fib daddr type != local return"
+    order = [next(w for w in r.split() if w.startswith("@")) for r in rules[1:]]
     assert order == ["@fwd4_host_src", "@fwd4_host", "@fwd4_any_src", "@fwd4_any",
                      "@fwd6_host_src", "@fwd6_host", "@fwd6_any_src", "@fwd6_any"]
-    for r in rules[1:]:
-        # ct mark set ct mark | MARK: other users' bits survive
-        assert {"mangle": {"key": {"ct": {"key": "mark"}},
-                           "value": {"|": [{"ct": {"key": "mark"}}, nb.MARK]}}} in r
-        assert "dnat" in r[-1]
-        lookup = next(m["match"]["left"] for m in r if "match" in m and str(m["match"]["right"]).startswith("@"))
-        assert r[-1]["dnat"]["addr"]["map"]["key"] == lookup
+    for r, spec in zip(rules[1:], nb.MAPS):
+        # ct mark set ct mark | MARK: other users' bits survive; the DNAT
+        # looks up the same key in the same map the match used
+        assert "ct mark set ct mark | 0x02000000 " in r
+        match, dnat = r.split(f" @{spec.name} ct mark set ")
+        key = dnat.split(" to ", 1)[1].rsplit(" map ", 1)[0]
+        assert match.endswith(key) and dnat.endswith(f"map @{spec.name}")
 
 
 def test_wildcard_rules_exclude_loopback():
-    rules = _rules("translate")[1:]
-    for r, spec in zip(rules, nb.MAPS):
-        loop = [m for m in r if "match" in m and m["match"]["op"] == "!="]
-        assert bool(loop) == (not spec.host)
+    for r, spec in zip(_rules("translate")[1:], nb.MAPS):
+        assert ("daddr != " in r) == (not spec.host)
 
 
 def test_hairpin_and_masquerade_rules():
     (hp,) = _rules("hairpin")
-    assert hp[0] == {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, nb.MARK]}, "right": nb.MARK}}
-    assert {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["daddr", "iif"]}},
-                      "right": True}} in hp
+    assert hp.startswith("ct mark & 0x02000000 == 0x02000000 ")
+    assert "fib daddr . iif oif exists" in hp and hp.endswith("ct mark set ct mark | 0x04000000")
     post = _rules("postrouting")
-    assert [r[-1] for r in post] == [{"masquerade": None}] * 3
+    assert [r.split()[-1] for r in post] == ["masquerade"] * 3
     assert nb.MARK & nb.MASQ == 0
 
 
-def test_base_commands_flush_then_refill_every_chain():
-    cmds = nb.base_commands()
-    flushed = [c["flush"]["chain"]["name"] for c in cmds if "flush" in c]
+def test_base_text_flushes_then_refills_every_chain():
+    lines = nb.base_text().splitlines()
+    flushed = [ln.split()[-1] for ln in lines if ln.startswith("flush chain ")]
     assert flushed == [name for name, _ in nb.CHAINS]
-    first_rule = next(i for i, c in enumerate(cmds) if "rule" in c.get("add", {}))
-    assert all("flush" not in c for c in cmds[first_rule:])
-    hooks = {c["add"]["chain"]["name"]: c["add"]["chain"].get("hook") for c in cmds if "chain" in c.get("add", {})}
-    assert hooks == {"prerouting": "prerouting", "output": "output", "translate": None,
-                     "hairpin": "prerouting", "postrouting": "postrouting"}
+    first_rule = next(i for i, ln in enumerate(lines) if ln.startswith("add rule "))
+    assert all(not ln.startswith(("flush", "add chain", "add map", "add set")) for ln in lines[first_rule:])
+    assert len(lines) - first_rule == len(nb.base_rules())
+    hooked = {ln.split()[4]: (" hook " in ln) for ln in lines if ln.startswith("add chain ")}
+    assert hooked == {"prerouting": True, "output": True, "translate": False, "hairpin": True,
+                      "postrouting": True}
+    # rules + jumps to the chain, as NFTA_CHAIN_USE counts them
+    assert nb.expected_use() == {"prerouting": 3, "output": 1, "translate": 11, "hairpin": 1, "postrouting": 3}
 
 
 def test_declarations_declare_every_map_with_concatenated_data():
@@ -289,60 +280,163 @@ def test_declarations_declare_every_map_with_concatenated_data():
     assert "add set inet vnethook guests { type ipv6_addr; }" in text
 
 
-# --- the accept at the top of libvirt's forward chain -------------------------------------------
+def test_accept_fix_text():
+    assert nb.accept_fix_text("ip", [], False) == ""
+    assert nb.accept_fix_text("ip6", [12, 14], True) == (
+        "delete rule ip6 libvirt_network forward handle 12\n"
+        "delete rule ip6 libvirt_network forward handle 14\n"
+        'insert rule ip6 libvirt_network forward ct mark & 0x02000000 == 0x02000000 accept comment "vnethook"\n')
 
 
-def _chain(*rules):
-    out: List[dict] = [{"chain": {"family": "ip", "table": "libvirt_network", "name": "forward", "handle": 1}}]
-    for h, r in enumerate(rules, start=10):
-        out.append({"rule": dict(r, family="ip", table="libvirt_network", chain="forward", handle=h)})
-    return out
+# --- the kernel: netlink messages, checks, teardown (a private network namespace each) -----------
+
+NO_NETNS = why_no_netns("nft", "ip")
+kernel = pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
+
+PRELUDE = """
+    import json, socket, subprocess
+    from forward_factory import fwd
+    from vnethook.firewall import nfnetlink, nftables as nb
+    def nft(*args, check=True):
+        p = subprocess.run(["nft", *args], capture_output=True, text=True)
+        assert p.returncode == 0 or not check, p.stderr
+        return p.stdout
+    def v6(**kw):
+        return fwd(**dict(dict(family=6, subnet="2001:db8:1::/64", guest_address="2001:db8:1::10"), **kw))
+    be = nb.NftablesBackend()
+    def libvirt():  # the rules libvirt 11.3 creates, on the bridge they name
+        subprocess.run(["ip", "link", "add", "virbr9", "type", "bridge"], check=True)
+        nft("-f", RULESET)
+"""
 
 
-OURS = {"expr": nb.accept_rule_expr(), "comment": TAG}
-JUMP = {"expr": [{"counter": {"packets": 0, "bytes": 0}}, {"jump": {"target": "guest_input"}}]}
+def _in_netns(body: str):
+    return in_netns(textwrap.dedent(PRELUDE) + textwrap.dedent(body))
 
 
-def test_missing_accept_is_inserted_at_the_top():
-    (cmd,) = nb.libvirt_fix_commands("ip", _chain(JUMP))
-    assert cmd == {"insert": {"rule": {"family": "ip", "table": "libvirt_network", "chain": "forward",
-                                       "expr": nb.accept_rule_expr(), "comment": TAG}}}
+@kernel
+def test_netlink_elements_read_back_as_rendered():
+    """Every kind of element (both families, host maps, interval maps with
+    sources, ranges, sctp) added over netlink is what libnftables lists
+    back as this guest's; re-adding is a no-op, a clash fails the batch
+    whole, and deleting by the same rendering empties every map."""
+    out = _in_netns("""
+        ALL = [fwd(), fwd(protocol="udp", host_ports=(30000, 30299), guest_ports=(40000, 40299)),
+               fwd(protocol="sctp", host_address="127.0.0.1", host_ports=(2222, 2222), guest_ports=(22, 22)),
+               fwd(host_address="198.51.100.1", sources=("203.0.113.0/24", "198.51.100.9")),
+               fwd(sources=("0.0.0.0/0",), host_ports=(9000, 9000)),
+               v6(), v6(host_address="::1"), v6(sources=("2001:db8:2::/48",)),
+               v6(host_address="2001:db8:9::1", sources=("2001:db8:3::/64",), protocol="udp")]
+        els = nb.render_elements(ALL)
+        subprocess.run(["nft", "-f", "-"], input=nb.base_text(), text=True, check=True)
+        ops = nb.element_ops("add", els.values(), "k1") + nb.marker_ops("add", "k1", els)
+        out = {"messages": len(ops), "add": nfnetlink.transaction(ops), "again": nfnetlink.transaction(ops)}
+        listing = be._list_table()
+        got = {}
+        for name, entry in nb._set_items(listing):
+            e, owner = nb.parse_listed_element(name, entry)
+            got.setdefault(owner, []).append(e.canonical())
+        out["same"] = {k: sorted(v) == sorted(els) for k, v in got.items()}
+        out["markers"] = nb._marker_owners(listing)
+        out["keys"] = [k.hex() for k in nfnetlink.set_keys("inet", "vnethook", "guests")]
+        out["marker"] = socket.inet_pton(socket.AF_INET6, nb.guest_marker("k1", els)).hex()
+        # the same key with other data, in a batch with a new element: refused whole
+        clash = nb.render_elements([fwd(guest_address="192.0.2.99"), fwd(host_ports=(7000, 7000))])
+        out["clash"] = nfnetlink.transaction(nb.element_ops("add", clash.values(), "k2"))
+        out["after clash"] = "7000" in nft("list", "map", "inet", "vnethook", "fwd4_any")
+        dels = nb.element_ops("delete", els.values()) + nb.marker_ops("delete", "k1", els)
+        out["delete"] = nfnetlink.transaction(dels)
+        out["left"] = [e for _n, e in nb._set_items(be._list_table())]
+        out["delete again"] = nfnetlink.transaction(dels)
+        print(json.dumps(out))
+    """)
+    assert out["add"] is None and out["again"] is None
+    assert out["messages"] == 10  # 8 maps (fwd4_any: 301 elements, two messages) and the marker
+    assert out["same"] == {"k1": True}
+    assert out["markers"] == ["k1"] and out["keys"] == [out["marker"]]
+    assert out["clash"] is not None and out["after clash"] is False
+    assert out["delete"] is None and out["left"] == []
+    assert out["delete again"].startswith("ENOENT")
 
 
-def test_accept_in_place_needs_nothing():
-    assert nb.libvirt_fix_commands("ip6", _chain(OURS, JUMP)) == []
+@kernel
+def test_base_and_accept_checks_match_the_kernel():
+    """The cheap checks see what the listing would: our chains' rules and
+    jumps, and exactly one current accept at the top of libvirt's chains;
+    a rule of someone else's is never touched."""
+    out = _in_netns(f"""
+        RULESET = {RULESET!r}
+        libvirt()
+        out = {{"none": [be._base_intact(), be._accept_problems()[0].count("insert rule")]}}
+        be.apply(fwd().key, [fwd()], [])
+        out["ensured"] = [be._base_intact(), be._accept_problems(), be.snapshot().problems]
+        nft("flush", "chain", "inet", "vnethook", "translate")
+        out["flushed chain"] = be._base_intact()
+        be.ensure_base()
+        out["repaired"] = be._base_intact()
+        nft("add", "rule", "ip", "libvirt_network", "forward", "ct", "mark", "&", "0x02000000", "==", "0x02000000",
+            "accept", "comment", '"vnethook"')
+        nft("insert", "rule", "ip6", "libvirt_network", "forward", "accept", "comment", '"vnethook"')
+        nft("insert", "rule", "ip6", "libvirt_network", "forward", "ct", "mark", "&", "0x02000000", "==",
+            "0x02000000", "accept", "comment", '"someone else"')
+        fixes, problems = be._accept_problems()
+        out["fixes"] = fixes.splitlines()
+        out["problems"] = problems
+        be.ensure_base()
+        out["after"] = [be._accept_problems(), nft("list", "chain", "ip6", "libvirt_network", "forward")]
+        out["forward4"] = nft("list", "chain", "ip", "libvirt_network", "forward")
+        print(json.dumps(out))
+    """)
+    assert out["none"] == [False, 2]
+    assert out["ensured"] == [True, ["", []], []]
+    assert out["flushed chain"] is False and out["repaired"] is True
+    # ip: a duplicate at the bottom goes; ip6: a stale accept at the top
+    # (someone else's accept above it is no reason to keep it) is replaced
+    assert [ln.split(" handle ")[0] for ln in out["fixes"]] == [
+        "delete rule ip libvirt_network forward",
+        "delete rule ip6 libvirt_network forward",
+        "delete rule ip6 libvirt_network forward",
+        'insert rule ip6 libvirt_network forward ct mark & 0x02000000 == 0x02000000 accept comment "vnethook"']
+    assert len(out["problems"]) == 2
+    assert out["after"][0] == ["", []]
+    chain = [ln.strip() for ln in out["after"][1].splitlines() if "comment" in ln]
+    assert chain[0] == 'ct mark & 0x02000000 == 0x02000000 accept comment "vnethook"'
+    assert 'ct mark & 0x02000000 == 0x02000000 accept comment "someone else"' in chain
+    assert len(chain) == 2
+    assert out["forward4"].count('comment "vnethook"') == 1
 
 
-def test_buried_accept_is_moved_to_the_top():
-    cmds = nb.libvirt_fix_commands("ip", _chain(JUMP, OURS))
-    assert cmds[0] == {"delete": {"rule": {"family": "ip", "table": "libvirt_network", "chain": "forward",
-                                           "handle": 11}}}
-    assert "insert" in cmds[1]
+@kernel
+def test_the_last_guest_takes_the_base_and_nothing_else():
+    """Removing guests from their records: the first leaves the base (its
+    count sees the other), the last takes table and accepts in its own
+    transaction, and libvirt's rules are as they were."""
+    out = _in_netns(f"""
+        RULESET = {RULESET!r}
+        libvirt()
+        before = nft("list", "ruleset")
+        a, b = [fwd()], [fwd(domain="db", guest_address="192.0.2.11", host_ports=(9090, 9090))]
+        be.apply(a[0].key, a, [])
+        be.apply(b[0].key, b, [])
+        out = {{"both": be.snapshot().guests}}
+        out["last a"] = be.last_guest("vnethook", a[0].key, be.render_rules(a[0].key, a))
+        be.remove(a[0].key, a)
+        out["one left"] = [sorted(be.snapshot().guests), nfnetlink.table_exists("inet", "vnethook")]
+        out["last b"] = be.last_guest("vnethook", b[0].key, be.render_rules(b[0].key, b))
+        be._last_checked = None
+        be.remove(b[0].key, b)
+        out["gone"] = nfnetlink.table_exists("inet", "vnethook")
+        out["same as before"] = nft("list", "ruleset") == before
+        print(json.dumps(out, default=sorted))
+    """)
+    assert len(out["both"]) == 2
+    assert out["last a"] is False
+    assert out["one left"][1] is True and len(out["one left"][0]) == 1
+    assert out["last b"] is True
+    assert out["gone"] is False and out["same as before"] is True
 
 
-def test_duplicates_and_stale_accepts_are_replaced():
-    stale = {"expr": [{"accept": None}], "comment": TAG}
-    cmds = nb.libvirt_fix_commands("ip", _chain(OURS, JUMP, OURS))
-    assert cmds == [{"delete": {"rule": {"family": "ip", "table": "libvirt_network", "chain": "forward",
-                                         "handle": 12}}}]
-    cmds = nb.libvirt_fix_commands("ip", _chain(stale, JUMP))
-    assert [next(iter(c)) for c in cmds] == ["delete", "insert"]
-
-
-def test_foreign_rules_are_never_touched():
-    foreign = {"expr": nb.accept_rule_expr(), "comment": "someone else"}
-    cmds = nb.libvirt_fix_commands("ip", _chain(foreign, JUMP))
-    assert cmds == [nb.libvirt_fix_commands("ip", _chain())[0]]
-
-
-def test_accept_listing_as_nft_renders_it():
-    # what nft 1.0.6 prints for `ct mark & 0x02000000 == 0x02000000 accept`
-    listed = [{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 33554432]}, "right": 33554432}},
-              {"accept": None}]
-    assert nb.is_current_accept(listed)
-    assert not nb.is_current_accept(listed[:1])
-    assert not nb.is_current_accept([{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 1]},
-                                                "right": 1}}, {"accept": None}])
+RULESET = __file__.rsplit("/tests/", 1)[0] + "/tests/acceptance/rulesets/libvirt-nftables.nft"
 
 
 # --- import cost ------------------------------------------------------------------------------

@@ -67,15 +67,11 @@ def test_nftables_deletes_a_records_elements_only_with_their_marker():
     assert nb.guest_marker(key, mine) != nb.guest_marker(key, forged)
     assert nb.guest_marker(key, mine) != nb.guest_marker("db-0000000000", mine)
     assert nb.guest_marker(key, list(mine)) == nb.guest_marker(key, sorted(mine, reverse=True))
-    sent = []
     b = NftablesBackend()
-    b._transaction = lambda cmds: sent.append(cmds)  # type: ignore[method-assign]
-    b._teardown_if_empty = lambda: None  # type: ignore[method-assign]
-    b.remove(key, FORWARDS[:2])  # the fast path: one transaction from the record
-    (cmds,) = sent
-    assert cmds[-1] == nb.marker_command("delete", key, mine)
-    assert sorted(e for c in cmds[:-1] for e in map(str, c["delete"]["element"]["elem"])) == sorted(
-        str(nb.element_json(e, None)) for e in mine.values())
+    # The fast path's plan from the record: one netlink transaction (a
+    # removal asks nothing of the firewall before it).
+    (unit,) = b.plan(key, mine, {}, None)
+    assert list(unit.do) == nb.element_ops("delete", mine.values()) + nb.marker_ops("delete", key, mine)
     with pytest.raises(FirewallError):  # another guest's forward in the record: go by tag
         b._previous(key, [FORWARDS[0].replace(domain="db")])
 
@@ -189,14 +185,15 @@ def test_nftables_first_apply_takes_the_fast_path():
     key = FORWARDS[0].key
     sent = []
     b = NftablesBackend()
-    b._write = lambda cmds: sent.append(cmds)  # type: ignore[method-assign]
-    b._libvirt_fixes = lambda: ([], [])  # type: ignore[method-assign]
+    b.commit = lambda units: sent.extend(units)  # type: ignore[method-assign]
+    b._accept_problems = lambda: ("", [])  # type: ignore[method-assign]
+    b._base_intact = lambda: True  # type: ignore[method-assign]
 
     def no_listing(*a, **kw):
         raise AssertionError("listed")
 
     b._guest_elements = no_listing  # type: ignore[method-assign]
-    assert b.apply(key, FORWARDS[:2], []) == sorted(render_elements(FORWARDS[:2]))
-    (cmds,) = sent
-    assert not any("delete" in c for c in cmds)
-    assert cmds[-1] == nb.marker_command("add", key, render_elements(FORWARDS[:2]))
+    want = render_elements(FORWARDS[:2])
+    assert b.apply(key, FORWARDS[:2], []) == sorted(want)
+    (unit,) = sent  # the base is intact: no text batch, only the elements
+    assert list(unit.do) == nb.element_ops("add", want.values(), key) + nb.marker_ops("add", key, want)
