@@ -45,14 +45,36 @@ Why this shape:
   then see the bridge as both input and output device). A guest reaching
   *itself* through a forward additionally needs hairpin mode on its bridge
   port when br_netfilter is active (bridge behaviour, not ours).
-- Base chains and their few rules are flushed and re-added inside every
-  transaction: ``add table/chain/map`` are idempotent, ``flush chain`` +
-  ``add rule`` makes the rules idempotent without listing anything.
+- Two renderings, one per kind of object. The base (table, maps, chains
+  and their fixed rules, and the accept in libvirt's chain) is nft text,
+  one idempotent batch: ``add table/chain/map`` are idempotent, ``flush
+  chain`` + ``add rule`` make the rules so without listing anything. The
+  elements (and markers, below) are netlink messages (nfnetlink.py), one
+  function for add and delete: a guest's change is one nf_tables
+  transaction of element additions and deletions, sent by this process.
+- Why netlink for the elements: they are what every event changes, and
+  their encoding is simple (the fields of the key, each padded to 32
+  bits). Going through libnftables instead means importing its Python
+  binding (which imports json, re, enum and ctypes) and having it parse
+  JSON and fetch its cache on every event: the difference between
+  meeting and missing the hook's time budget (README, Performance).
+- Starting a guest checks the base cheaply instead of rewriting it: each
+  of our chains must hold as many rules and jumps as the base gives it
+  (NFTA_CHAIN_USE, one GETCHAIN each), and libvirt's forward chains must
+  start with exactly our current accept (a dump of that one chain). Only
+  when something is amiss (first guest, a flushed table or chain, a
+  libvirt reload that put its jumps above ours) does the base text go out,
+  through the `nft` binary (libvirt's nftables backend runs it too; it
+  costs less to start than the binding costs to import), or the binding
+  when it is loaded already or there is no binary. The slow path (by
+  comment, after a failed fast path) always re-sends it.
 - When the last guest goes, everything goes (table and libvirt accepts),
   so a host without forwards carries nothing of ours. "Last" is known
   without listing the maps: set ``guests`` holds one marker element per
   guest that has forwards (an IPv6-typed 128-bit hash of the key and of
-  its elements, with the key as comment), and listing it is cheap.
+  its elements, with the key as comment); one dump of that set tells
+  whether this guest's marker is the only one, and then the table and the
+  accepts are deleted in the removal's own transaction.
 - The record holds forwards, not elements, and ``delete element`` names
   only an element's key, whoever's comment it carries. A change or removal
   from the record therefore deletes the guest's marker for exactly the
@@ -61,8 +83,8 @@ Why this shape:
   names another guest's element fails the batch, and the slow path finds
   the guest's elements by their comment instead.
 
-The ``nftables`` binding is imported lazily: the hook's fast paths never
-pay for it unless this backend is in use.
+The ``nftables`` binding is imported lazily, for listings (the slow path,
+sync, status): the fast paths never pay for it.
 """
 
 from __future__ import annotations
@@ -693,6 +715,8 @@ class NftablesBackend(Backend):
         fixes, problems = [], []
         for fam in LIBVIRT_FAMILIES:
             raw = nfnetlink.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN)
+            if raw == [] and nfnetlink.chain_use(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN) is None:
+                raw = None  # a dump of a chain that does not exist can be empty, not an error
             rules = [nfnetlink.rule_parts(r) for r in raw] if raw is not None else None
             if rules is None or any(r is None for r in rules):
                 problems.append(
