@@ -347,7 +347,7 @@ def test_netlink_elements_read_back_as_rendered():
         dels = nb.element_ops("delete", els.values()) + nb.marker_ops("delete", "k1", els)
         out["delete"] = nfnetlink.transaction(dels)
         out["left"] = [e for _n, e in nb._set_items(be._list_table())]
-        out["delete again"] = nfnetlink.transaction(dels)
+        out["delete again"] = nfnetlink.transaction(dels, describe=nb.describe_op)
         print(json.dumps(out))
     """)
     assert out["add"] is None and out["again"] is None
@@ -356,7 +356,8 @@ def test_netlink_elements_read_back_as_rendered():
     assert out["markers"] == ["k1"] and out["keys"] == [out["marker"]]
     assert out["clash"] is not None and out["after clash"] is False
     assert out["delete"] is None and out["left"] == []
-    assert out["delete again"].startswith("ENOENT")
+    assert out["delete again"].startswith("ENOENT No such file or directory at message 1 of ")
+    assert "(delete elements of inet vnethook fwd" in out["delete again"]
 
 
 @kernel

@@ -1,13 +1,20 @@
-"""nf_tables over raw netlink: how used is a chain, which rules, delete by handle.
+"""nf_tables over raw netlink: the few requests a benchmark showed worth their code.
 
-Why: removing a guest must also drop vnethook's base once the last guest
-is gone. Trying the teardown and letting it fail costs a restore run that
-waits for the removal's RCU grace period, and listing the table
-costs O(guests). The kernel already counts, per chain, its rules plus the
-jumps to it (NFTA_CHAIN_USE), and answers one GETCHAIN request in O(1).
+- How used is a chain (NFTA_CHAIN_USE: its rules plus the jumps to it, in
+  O(1) per GETCHAIN), which rules one chain holds (a dump filtered to that
+  chain), whether a table exists, and the keys of one set's elements.
+- Commit a batch of messages as one transaction (transaction()): the
+  nftables backend's element additions and deletions, its teardown, and
+  iptables-nft's removal of a guest's jumps (by handle, checked to be
+  exactly ours) and chains (delete_batch).
 
-Removing a guest deletes its jumps by handle (found without listing the
-other guests) in one transaction: see delete_batch and probe_jumps.
+Why: these are what every hook event asks or changes. Going through a
+tool instead (iptables-nft-restore fetching its cache, libnftables and its
+Python binding parsing JSON) cost more than the targets allow: README,
+Performance, "Hand-written protocol code, measured". Every parser here
+checks lengths and bounds and treats an interrupted dump (NLM_F_DUMP_INTR)
+or anything unexpected as "unknown", which sends the caller the slow,
+listing way.
 
 Only stdlib builtins (_socket, _struct, _thread): the hook path imports this.
 """
@@ -519,13 +526,14 @@ NLM_F_CREATE = 0x400
 ENOBUFS_MAX = 64 << 20  # the most a batch may ask the socket to buffer
 
 
-def transaction(ops: "list", timeout: float = 2.0) -> "str | None":
+def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None":
     """Commit nf_tables messages as one batch: all of them or none.
 
     `ops`: (nfproto family, NFT_MSG_* kind, extra nlmsg flags, attributes).
     None once every message was acknowledged; else why not: the kernel's
-    error (errno name and the 1-based index of the refused message; nothing
-    changed), or "no answer" (unknown: the caller lists).
+    error (nothing changed): its errno, and which message it refused
+    (`describe(op)` says what that message does), or why there was no
+    clean answer (unknown: the caller lists).
     """
     import _socket
     import _struct
@@ -568,7 +576,12 @@ def transaction(ops: "list", timeout: float = 2.0) -> "str | None":
                 err = _struct.unpack_from("=i", chunk, off + 16)[0]
                 if err:
                     # The refused message, or the commit itself (answered on BEGIN).
-                    what = f"message {rseq - base} of {len(ops)}" if rseq in want else "the commit"
+                    if rseq in want:
+                        what = f"message {rseq - base} of {len(ops)}"
+                        if describe is not None:
+                            what += f" ({describe(ops[rseq - base - 1])})"
+                    else:
+                        what = "the commit"
                     error = f"{_errno_name(-err)} at {what}"
                 want.discard(rseq)
         ok = not want and error is None
@@ -583,7 +596,7 @@ def transaction(ops: "list", timeout: float = 2.0) -> "str | None":
 def _errno_name(err: int) -> str:
     import errno
 
-    return errno.errorcode.get(err, f"errno {err}")
+    return f"{errno.errorcode.get(err, 'errno')} {os.strerror(err)}"
 
 
 _held: list = []

@@ -399,6 +399,19 @@ def delete_rule_op(family: str, handle: int) -> tuple:
     return (fam, _DELRULE, 0, _name(1, LIBVIRT_TABLE) + _name(2, LIBVIRT_CHAIN) + _attr(3, _struct.pack("!Q", handle)))
 
 
+def describe_op(op: tuple) -> str:
+    """What one of these messages does, for an error message."""
+    _fam, kind, _flags, attrs = op
+    if kind in (_NEWSETELEM, _DELSETELEM):
+        # NFTA_SET_ELEM_LIST_TABLE, then _SET: the set's name is the second attribute
+        skip = (attrs[0] | attrs[1] << 8) + 3 & ~3
+        name = attrs[skip + 4:skip + (attrs[skip] | attrs[skip + 1] << 8)].rstrip(b"\0").decode("ascii", "replace")
+        return f"{'add' if kind == _NEWSETELEM else 'delete'} elements of {FAMILY} {TABLE} {name}"
+    if kind in (_NEWTABLE, _DELTABLE):
+        return f"{'add' if kind == _NEWTABLE else 'delete'} table {FAMILY} {TABLE}"
+    return f"delete rule of {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
+
+
 # The base: our table, maps, chains and their fixed rules, in nft's text
 # syntax (see declarations() for why text). Applied as one idempotent text
 # batch whenever the cheap check (base_problems) finds anything amiss.
@@ -850,7 +863,7 @@ class NftablesBackend(Backend):
                     raise CommitError(f"nftables: cannot create table {FAMILY} {TABLE} and its chains "
                                       f"(run `vnethook flush`?): {err}", done)
             else:
-                err = nfnetlink.transaction(list(u.do))
+                err = nfnetlink.transaction(list(u.do), describe=describe_op)
                 if err is not None:
                     what = "apply" if any(op[1] == _NEWSETELEM for op in u.do) else "remove"
                     raise CommitError(f"nftables: cannot {what} forwards: {err}", done)
