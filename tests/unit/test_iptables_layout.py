@@ -343,3 +343,39 @@ def test_netlink_table_check_and_the_reused_query_socket():
     out = in_netns(code)
     assert out == {"before": [False, False, []], "after": [True, False, [4]], "untouched": True, "fds grew": 0,
                    "still answers": [1, 1], "docker": False, "stale copy": False}, out
+
+
+@pytest.mark.skipif(NO_NETNS is not None, reason=NO_NETNS or "")
+def test_the_hairpin_check_by_netlink_keeps_the_restore_run_off_other_guests_rules():
+    """A started guest's batch names its subnet's hairpin only when netlink
+    did not find it in VNETHOOK-SNAT (a `-C` line makes iptables-nft-restore
+    fetch every rule of every chain the batch names: VNETHOOK-DNAT holds a
+    jump per guest). Found for both families and byte-aligned or not
+    prefixes; not found once deleted, nor for another subnet; and then the
+    batch checks it, fails, and the slow path puts it back."""
+    code = """
+        import json, subprocess, sys
+        from forward_factory import fwd
+        from vnethook.firewall import iptables_rules as ir
+        from vnethook.firewall.iptables_nft import IptablesNftBackend
+        be = IptablesNftBackend()
+        fw = [fwd(), fwd(family=6, subnet="2001:db8:1::/64", guest_address="2001:db8:1::10"),
+              fwd(domain="db", subnet="198.51.100.0/25", guest_address="198.51.100.10", host_ports=(9000, 9000))]
+        out = {}
+        for f in fw:
+            be.apply(f.key, [f], [])
+        def shared(f):
+            return [r for r in be.render(f.key, [f]) if ir.is_shared(r)]
+        out["found"] = [be._shared_in_place(f.family, shared(f)) for f in fw]
+        other = fwd(domain="x", subnet="198.51.100.128/25", guest_address="198.51.100.130")
+        out["other subnet"] = be._shared_in_place(4, shared(other))
+        spec = shared(fw[0])[0].split(" -A VNETHOOK-SNAT ", 1)[1]
+        subprocess.run(["iptables-nft", "-t", "nat", "-D", "VNETHOOK-SNAT", *spec.replace('"', "").split()], check=True)
+        out["deleted"] = be._shared_in_place(4, shared(fw[0]))
+        be.remove(fw[0].key, [fw[0]])
+        be.apply(fw[0].key, [fw[0]], [])  # the fast path's check fails the batch; the slow path repairs
+        out["repaired"] = be._shared_in_place(4, shared(fw[0]))
+        print(json.dumps(out))
+    """
+    out = in_netns(code)
+    assert out == {"found": [True, True, True], "other subnet": False, "deleted": False, "repaired": True}, out

@@ -228,9 +228,10 @@ class IptablesBackend(Backend):
             for (table, chain), rules in ir.base_rules(fam, self.marked).items():
                 sections[table] += [f"-C {chain} {r.spec}" for r in rules]
         # Shared rules this guest needs: checked (a missing one fails
-        # the batch, and the slow path adds it).
-        for r in dict.fromkeys(new):
-            if ir.is_shared(r):
+        # the batch, and the slow path adds it), unless netlink saw them.
+        shared = [r for r in dict.fromkeys(new) if ir.is_shared(r)]
+        if fresh or not self._shared_in_place(fam, shared):
+            for r in shared:
                 _, table, chain, spec = ir.split_canonical(r)
                 sections[table].append(f"-{'A' if fresh else 'C'} {chain} {spec}")
 
@@ -254,6 +255,11 @@ class IptablesBackend(Backend):
         """Whether the base is known to be in place without checking it in
         the batch (False: check it there)."""
         return False
+
+    def _shared_in_place(self, fam: int, shared: List[str]) -> bool:
+        """Whether these shared rules are known to be there (False: check
+        them in the batch)."""
+        return not shared
 
     def commit(self, units: List[Unit]) -> None:
         """One restore run per family: its required tables as one step (each
@@ -502,6 +508,43 @@ class IptablesNftBackend(IptablesBackend):
                 continue  # also holds the subnets' hairpins
             rules = chain_rules(fam, table, chain)
             if rules is None or len(rules) != len(base):
+                return False
+        return True
+
+    def _shared_in_place(self, fam: int, shared: List[str]) -> bool:
+        """Whether each subnet's hairpin this guest needs is in VNETHOOK-SNAT.
+
+        A `-C` line in the batch would make iptables-nft-restore fetch the
+        rules of every chain the batch names, VNETHOOK-DNAT's jump of every
+        guest among them (O(guests): README, Performance). One dump of
+        VNETHOOK-SNAT (a rule per subnet) instead: a hairpin is a rule that
+        carries its comment, masquerades, and compares source and
+        destination with the subnet's network bytes (the cmp data
+        iptables-nft writes for `-s/-d NET/LEN`, masked or not).
+        """
+        import _socket
+
+        from vnethook.firewall.nfnetlink import _attr, chain_rules
+
+        if not shared:
+            return True
+        rules = chain_rules(fam, "nat", ir.CHAIN_SNAT)
+        if rules is None:
+            return False
+        hairpins = [r for r in rules if f"{ir.TAG}:{ir.SHARED_KEY}".encode() + b"\0" in r
+                    and b"MASQUERADE\0" in r]
+        for rule in shared:
+            _, table, chain, spec = ir.split_canonical(rule)
+            args = spec.split()
+            if table != "nat" or chain != ir.CHAIN_SNAT or "-s" not in args or "-d" not in args:
+                return False
+            src, dst = args[args.index("-s") + 1], args[args.index("-d") + 1]
+            net, _, plen = src.partition("/")
+            if dst != src or not plen.isdigit() or int(plen) == 0:
+                return False
+            raw = _socket.inet_pton(_socket.AF_INET if fam == 4 else _socket.AF_INET6, net)
+            needle = _attr(1, raw[:(int(plen) + 7) // 8])  # NFTA_DATA_VALUE of the cmp
+            if not any(r.count(needle) >= 2 for r in hairpins):
                 return False
         return True
 
