@@ -573,3 +573,27 @@ def test_any_lease_file_reads_or_libvirt_error(tmp_path_factory, data):
     for lease in leases:
         assert L.normalize_mac(lease.mac) == lease.mac
         L.find_lease(leases, lease.mac, family=4)
+
+
+_LEASE_FIELDS = {
+    "ip-address": st.sampled_from(["192.0.2.10", "198.51.100.255", "192.000.002.010", "192.0.2.1 ",
+                                   "2001:db8::10", "2001:DB8::10", "::ffff:192.0.2.1", "not-an-ip", 7, None]),
+    "mac-address": st.sampled_from(["52:54:00:ab:cd:ef", "52:54:00:AB:cd:ef", "52-54-00-ab-cd-ef",
+                                    "52:54:0:ab:cd:ef", "52:54:00:ab:cd:e", "5254.00ab.cdef", "", 1, None]),
+    "expiry-time": st.sampled_from([0, 1796659286, -1, True, False, "1796659286", " 42 ", "x", 1.5, "²", None]),
+    "hostname": st.sampled_from(["web1", "", None, 3, ["x"]]),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.fixed_dictionaries({}, optional=_LEASE_FIELDS),
+    st.sampled_from([[], "lease", 3, None]))))
+def test_the_fast_lane_of_lease_parsing_reads_as_the_careful_one(doc):
+    """The lease reader's fast lane (what libvirt writes) gives exactly the
+    leases, equal and with equal hashes, that _lease() gives entry by entry."""
+    careful = [lease for lease in map(L._lease, doc) if lease is not None]
+    fast = list(L._leases(doc))
+    assert fast == careful
+    assert [hash(x) for x in fast] == [hash(x) for x in careful]
+    assert [repr(x) for x in fast] == [repr(x) for x in careful]
