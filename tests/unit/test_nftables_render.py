@@ -437,6 +437,42 @@ def test_the_last_guest_takes_the_base_and_nothing_else():
     assert out["gone"] is False and out["same as before"] is True
 
 
+@kernel
+def test_accepts_left_without_our_table_and_the_binding_when_there_is_no_nft_binary():
+    """A table deleted under us (firewalld's `nft flush ruleset` spares
+    libvirt's here): the snapshot names the family whose accept was left,
+    flush() takes it. Without an `nft` binary the base goes through the
+    binding, to the same ruleset."""
+    out = _in_netns(f"""
+        RULESET = {RULESET!r}
+        libvirt()
+        f = fwd()
+        be.apply(f.key, [f], [])
+        with_binary = nft("list", "table", "inet", "vnethook")
+        nft("delete", "table", "inet", "vnethook")
+        handle = next(ln for ln in nft("-a", "list", "chain", "ip6", "libvirt_network", "forward").splitlines()
+                      if '"vnethook"' in ln).split("# handle ")[1]
+        nft("delete", "rule", "ip6", "libvirt_network", "forward", "handle", handle)
+        snap = be.snapshot()
+        out = {{"left": [snap.base_ok, snap.problems]}}
+        be.flush()
+        snap = be.snapshot()
+        out["flushed"] = [snap.base_ok, snap.problems, nft("list", "ruleset").count("vnethook")]
+        from vnethook.firewall import tools
+        def missing(name, package="iptables"):
+            raise nb.FirewallError(name + " not found")
+        tools.find_tool = missing
+        fresh = nb.NftablesBackend()
+        fresh.apply(f.key, [f], [])
+        out["binding used"] = fresh._ctx is not None
+        out["same base"] = nft("list", "table", "inet", "vnethook") == with_binary
+        print(json.dumps(out))
+    """)
+    assert out["left"] == [False, ["accept rule in ip libvirt_network forward without table inet vnethook"]]
+    assert out["flushed"] == [True, [], 0]
+    assert out["binding used"] is True and out["same base"] is True
+
+
 RULESET = __file__.rsplit("/tests/", 1)[0] + "/tests/acceptance/rulesets/libvirt-nftables.nft"
 
 

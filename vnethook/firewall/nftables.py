@@ -734,7 +734,7 @@ class NftablesBackend(Backend):
             if rules is None or any(r is None for r in rules):
                 problems.append(
                     f"chain {LIBVIRT_CHAIN} of table {fam} {LIBVIRT_TABLE} not found "
-                    "(libvirt not started, or not using nftables): accept rule not installed"
+                    "(libvirt not started, or not using nftables): no accept rule"
                 )
                 continue
             delete, insert = accept_fixes(rules)  # type: ignore[arg-type]
@@ -914,9 +914,10 @@ class NftablesBackend(Backend):
         listing = self._list_table()
         if listing is None:
             # Nothing installed is a fine base, unless an accept was left behind.
-            if self._our_accepts():
-                snap.base_ok = False
-                for fam in LIBVIRT_FAMILIES:
+            left = {op[0] for op in self._our_accepts()}  # NFPROTO_IPV4 2, NFPROTO_IPV6 10
+            for fam, code in zip(LIBVIRT_FAMILIES, (2, 10)):
+                if code in left:
+                    snap.base_ok = False
                     snap.problems.append(
                         f"accept rule in {fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN} without table {FAMILY} {TABLE}"
                     )
@@ -940,9 +941,7 @@ class NftablesBackend(Backend):
         fixes, problems = self._accept_problems()
         if fixes:
             snap.base_ok = False
-        snap.problems += [p.replace(": accept rule not installed", ": no accept rule")
-                          .replace("(libvirt not started, or not using nftables)", "(libvirt not started?)")
-                          for p in problems]
+        snap.problems += problems
         return snap
 
     @staticmethod
