@@ -401,11 +401,14 @@ def delete_rule_op(family: str, handle: int) -> tuple:
 
 def describe_op(op: tuple) -> str:
     """What one of these messages does, for an error message."""
+    import _struct
+
     _fam, kind, _flags, attrs = op
     if kind in (_NEWSETELEM, _DELSETELEM):
         # NFTA_SET_ELEM_LIST_TABLE, then _SET: the set's name is the second attribute
-        skip = (attrs[0] | attrs[1] << 8) + 3 & ~3
-        name = attrs[skip + 4:skip + (attrs[skip] | attrs[skip + 1] << 8)].rstrip(b"\0").decode("ascii", "replace")
+        skip = _struct.unpack_from("=H", attrs)[0] + 3 & ~3
+        end = skip + _struct.unpack_from("=H", attrs, skip)[0]
+        name = attrs[skip + 4:end].rstrip(b"\0").decode("ascii", "replace")
         return f"{'add' if kind == _NEWSETELEM else 'delete'} elements of {FAMILY} {TABLE} {name}"
     if kind in (_NEWTABLE, _DELTABLE):
         return f"{'add' if kind == _NEWTABLE else 'delete'} table {FAMILY} {TABLE}"
