@@ -524,7 +524,7 @@ class IptablesNftBackend(IptablesBackend):
         """
         import _socket
 
-        from vnethook.firewall.nfnetlink import _attr, chain_rules
+        from vnethook.firewall.nfnetlink import attr, chain_rules
 
         if not shared:
             return True
@@ -543,7 +543,7 @@ class IptablesNftBackend(IptablesBackend):
             if dst != src or not plen.isdigit() or int(plen) == 0:
                 return False
             raw = _socket.inet_pton(_socket.AF_INET if fam == 4 else _socket.AF_INET6, net)
-            needle = _attr(1, raw[:(int(plen) + 7) // 8])  # NFTA_DATA_VALUE of the cmp
+            needle = attr(1, raw[:(int(plen) + 7) // 8])  # NFTA_DATA_VALUE of the cmp
             if not any(r.count(needle) >= 2 for r in hairpins):
                 return False
         return True

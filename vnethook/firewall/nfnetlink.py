@@ -33,7 +33,7 @@ _query_sock: list = []
 _seq = [0]
 
 
-def _attr(kind: int, value: bytes) -> bytes:
+def attr(kind: int, value: bytes) -> bytes:
     import _struct
 
     data = _struct.pack("=HH", 4 + len(value), kind) + value
@@ -86,7 +86,7 @@ def _ask(kind: int, family: "int | str", names: "list", dump: bool = False, time
         return
     seq = _next_seq()
     body = _struct.pack("=BBH", FAMILY[family], 0, 0)
-    body += b"".join(_attr(k, v.encode() + b"\0") for k, v in names)
+    body += b"".join(attr(k, v.encode() + b"\0") for k, v in names)
     flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
     clean = False
     try:
@@ -307,8 +307,8 @@ def _dump_hits(family: int, table: str, chain: str, needles: "list", timeout: fl
         sock.settimeout(timeout)
         seq = (os.getpid() + 2 + len(out)) & 0x7FFFFFFF
         body = _struct.pack("=BBH", FAMILY[family], 0, 0)
-        body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
-        body += _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+        body += attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+        body += attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
         sock.sendto(_struct.pack("=IHHII", 16 + len(body), newrule + 1, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
                     + body, (0, 0))
         done = _struct.pack("=IH", 20, NLMSG_DONE)
@@ -397,8 +397,8 @@ def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) ->
                  for target, comment in targets.items()]
         reqs = []
         for i, (table, _, target, _) in enumerate(items):
-            body = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") \
-                + _attr(NFTA_CHAIN_NAME, target.encode() + b"\0")
+            body = _struct.pack("=BBH", fam, 0, 0) + attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") \
+                + attr(NFTA_CHAIN_NAME, target.encode() + b"\0")
             reqs.append((seq + i, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
                                                | NFT_MSG_GETCHAIN, NLM_F_REQUEST, seq + i, 0) + body))
         got = _exchange(sock, reqs)
@@ -416,10 +416,10 @@ def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) ->
         seq += len(items)
         reqs, owner = [], {}
         for i, ((table, chain, _, _), base) in enumerate(zip(items, bases)):
-            head = _struct.pack("=BBH", fam, 0, 0) + _attr(NFTA_RULE_TABLE, table.encode() + b"\0") \
-                + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+            head = _struct.pack("=BBH", fam, 0, 0) + attr(NFTA_RULE_TABLE, table.encode() + b"\0") \
+                + attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
             for h_no in range(base + 1, base + 1 + span):
-                body = head + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h_no))
+                body = head + attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h_no))
                 reqs.append((seq, _struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8)
                                                | NFT_MSG_GETRULE, NLM_F_REQUEST, seq, 0) + body))
                 owner[seq] = i
@@ -505,7 +505,7 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
 
     fam = FAMILY[family]
     ops = [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c)
-            + _attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
+            + attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
     ops += [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c))
             for t, c in chains]
     ops += [(fam, NFT_MSG_DELCHAIN, 0, name_attr(NFTA_CHAIN_TABLE, t) + name_attr(NFTA_CHAIN_NAME, c))
@@ -514,11 +514,11 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
 
 
 def name_attr(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+    return attr(kind, text.encode() + b"\0")
 
 
 def nested(kind: int, value: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, value)
+    return attr(kind | NLA_F_NESTED, value)
 
 
 NLA_F_NESTED = 0x8000

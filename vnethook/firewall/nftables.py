@@ -104,7 +104,10 @@ from vnethook.firewall.base import (
     Unit,
 )
 from vnethook.firewall.converge import Backend
+from vnethook.firewall.nfnetlink import attr
 from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
+from vnethook.firewall.nfnetlink import name_attr as _name
+from vnethook.firewall.nfnetlink import nested as _nest
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
 
@@ -323,21 +326,6 @@ _NLM_F_CREATE = 0x400
 _PER_MESSAGE = 256
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    import _struct
-
-    data = _struct.pack("=HH", 4 + len(value), kind) + value
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _nest(kind: int, value: bytes) -> bytes:
-    return _attr(kind | 0x8000, value)  # NLA_F_NESTED
-
-
-def _name(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
-
-
 def _comment(key: str) -> bytes:
     """libnftnl's user data for an element comment: type 0, length, text."""
     text = (COMMENT_PREFIX + key).encode() + b"\0"
@@ -345,13 +333,13 @@ def _comment(key: str) -> bytes:
 
 
 def _elem_attrs(key: bytes, key_end: Optional[bytes], data: Optional[bytes], comment: Optional[bytes]) -> bytes:
-    out = _nest(1, _attr(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+    out = _nest(1, attr(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
     if key_end is not None:
-        out += _nest(10, _attr(1, key_end))  # NFTA_SET_ELEM_KEY_END
+        out += _nest(10, attr(1, key_end))  # NFTA_SET_ELEM_KEY_END
     if data is not None:
-        out += _nest(2, _attr(1, data))  # NFTA_SET_ELEM_DATA
+        out += _nest(2, attr(1, data))  # NFTA_SET_ELEM_DATA
     if comment is not None:
-        out += _attr(6, comment)  # NFTA_SET_ELEM_USERDATA
+        out += attr(6, comment)  # NFTA_SET_ELEM_USERDATA
     return _nest(1, out)  # NFTA_LIST_ELEM
 
 
@@ -396,7 +384,7 @@ def delete_rule_op(family: str, handle: int) -> tuple:
     import _struct
 
     fam = 2 if family == "ip" else 10
-    return (fam, _DELRULE, 0, _name(1, LIBVIRT_TABLE) + _name(2, LIBVIRT_CHAIN) + _attr(3, _struct.pack("!Q", handle)))
+    return (fam, _DELRULE, 0, _name(1, LIBVIRT_TABLE) + _name(2, LIBVIRT_CHAIN) + attr(3, _struct.pack("!Q", handle)))
 
 
 def describe_op(op: tuple) -> str:
