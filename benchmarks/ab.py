@@ -62,8 +62,10 @@ class Inner(bench.Inner):
 
     def run_hook(self, v: str, name: str, mac: str, op: str) -> float:
         sub = "end" if op in ("stopped", "release") else "begin"
-        return bench.timed([self.hooks[v], name, op, sub, "-"], self.envs[v],
-                           self.tree.domain_xml(name, mac).encode())
+        ms = bench.timed([self.hooks[v], name, op, sub, "-"], self.envs[v],
+                         self.tree.domain_xml(name, mac).encode())
+        bench.gap(self.a, op)
+        return ms
 
     def serve(self) -> None:
         for line in sys.stdin:
@@ -185,6 +187,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--backends", default=",".join(bench.BACKENDS))
     ap.add_argument("--others", default="0")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="pause after each stopped (bench.gap())")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,7 +203,8 @@ def main() -> int:
         return 1
     rev = subprocess.run(["git", "-C", args.other, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or args.other
-    print(f"A = {args.other} ({rev}), B = {bench.REPO}; median of {args.repeat} interleaved runs (ms)\n")
+    print(f"A = {args.other} ({rev}), B = {bench.REPO}; median of {args.repeat} interleaved runs (ms)"
+          + (f", {args.gap_ms:g} ms after each stopped" if args.gap_ms else "") + "\n")
     print("| backend | others | figure | A | B | B/A |")
     print("|---|---:|---|---:|---:|---:|")
     for b in [x for x in args.backends.split(",") if x]:
