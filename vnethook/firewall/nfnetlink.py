@@ -523,7 +523,7 @@ def nested(kind: int, value: bytes) -> bytes:
 
 NLA_F_NESTED = 0x8000
 NLM_F_CREATE = 0x400
-ENOBUFS_MAX = 64 << 20  # the most a batch may ask the socket to buffer
+BUFFER_MAX = 64 << 20  # the most a batch may ask the socket to buffer
 
 
 def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None":
@@ -559,8 +559,8 @@ def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None
     try:
         sock.settimeout(timeout)
         if len(data) > 200_000:  # beyond the default buffer: a 1000-port range with sources
-            sock.setsockopt(_socket.SOL_SOCKET, 32, min(len(data) * 2, ENOBUFS_MAX))  # SO_SNDBUFFORCE
-            sock.setsockopt(_socket.SOL_SOCKET, 33, min(len(data), ENOBUFS_MAX))  # SO_RCVBUFFORCE
+            sock.setsockopt(_socket.SOL_SOCKET, 32, min(len(data) * 2, BUFFER_MAX))  # SO_SNDBUFFORCE
+            sock.setsockopt(_socket.SOL_SOCKET, 33, min(len(data), BUFFER_MAX))  # SO_RCVBUFFORCE
         sock.sendto(data, (0, 0))
         want = set(range(base + 1, base + len(ops) + 1))
         error = None
