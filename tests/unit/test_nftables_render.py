@@ -473,6 +473,31 @@ def test_accepts_left_without_our_table_and_the_binding_when_there_is_no_nft_bin
     assert out["binding used"] is True and out["same base"] is True
 
 
+@kernel
+def test_a_forged_record_cannot_delete_another_guests_element():
+    """A record of guest a that also names guest b's port (same host port,
+    same target: the very element b installed): the fast path's batch
+    deletes a's marker for exactly those elements, which does not exist,
+    so the kernel refuses the batch whole; the slow path then removes a's
+    elements by their comment, and b's forward stays."""
+    out = _in_netns(f"""
+        RULESET = {RULESET!r}
+        libvirt()
+        a = fwd()
+        b = fwd(domain="db", guest_address="192.0.2.11", host_ports=(9090, 9090))
+        be.apply(a.key, [a], [])
+        be.apply(b.key, [b], [])
+        forged = [a, b.replace(domain=a.domain, mac=a.mac)]
+        (unit,) = be.plan(a.key, be.render_rules(a.key, forged), {{}}, None)
+        out = {{"fast": nfnetlink.transaction(list(unit.do), describe=nb.describe_op)}}
+        be.remove(a.key, forged)
+        out["left"] = be.snapshot().guests
+        print(json.dumps(out, default=sorted))
+    """)
+    assert out["fast"].startswith("ENOENT") and "guests" in out["fast"]
+    assert out["left"] == {fwd(domain="db").key: ["tcp *:9090 -> 192.0.2.11:80"]}
+
+
 RULESET = __file__.rsplit("/tests/", 1)[0] + "/tests/acceptance/rulesets/libvirt-nftables.nft"
 
 
