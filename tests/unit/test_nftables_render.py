@@ -419,7 +419,8 @@ def test_the_last_guest_takes_the_base_and_nothing_else():
         a, b = [fwd()], [fwd(domain="db", guest_address="192.0.2.11", host_ports=(9090, 9090))]
         be.apply(a[0].key, a, [])
         be.apply(b[0].key, b, [])
-        out = {{"both": be.snapshot().guests}}
+        loaded = [m for m in ("nftables", "ctypes") if m in sys.modules]  # before the listing below
+        out = {{"both": be.snapshot().guests, "loaded": loaded}}
         out["last a"] = be.last_guest("vnethook", a[0].key, be.render_rules(a[0].key, a))
         be.remove(a[0].key, a)
         out["one left"] = [sorted(be.snapshot().guests), nfnetlink.table_exists("inet", "vnethook")]
@@ -431,6 +432,7 @@ def test_the_last_guest_takes_the_base_and_nothing_else():
         print(json.dumps(out, default=sorted))
     """)
     assert len(out["both"]) == 2
+    assert out["loaded"] == []  # the fast paths never load the binding (nor ctypes)
     assert out["last a"] is False
     assert out["one left"][1] is True and len(out["one left"][0]) == 1
     assert out["last b"] is True
