@@ -43,6 +43,17 @@ def _ours_anywhere(host):
     return [ln for text in host.dump().values() for ln in text.splitlines() if "vnethook:forward" in ln]
 
 
+def _wipe(host):
+    """`nft flush ruleset` (firewalld's reload, nftables.service), and on a
+    legacy host the x_tables it does not reach: every table, everyone's."""
+    host.topo.exec("host", "nft", "flush", "ruleset")
+    if host.backend == "iptables-legacy":
+        for t in ("iptables-legacy", "ip6tables-legacy"):
+            for table in ("filter", "nat"):
+                host.topo.exec("host", t, "-t", table, "-F")
+                host.topo.exec("host", t, "-t", table, "-X")
+
+
 @pytest.fixture
 def served(host):
     host.topo.server("g1", "g1", "80")
@@ -157,12 +168,7 @@ def test_watcher_repairs_a_flushed_ruleset(served):
                          env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(0.5)
-        host.topo.exec("host", "nft", "flush", "ruleset")
-        if host.backend == "iptables-legacy":
-            for t in ("iptables-legacy", "ip6tables-legacy"):
-                for table in ("filter", "nat"):
-                    host.topo.exec("host", t, "-t", table, "-F")
-                    host.topo.exec("host", t, "-t", table, "-X")
+        _wipe(host)
         host.topo.load_libvirt(host.backend)  # libvirt's reload rebuilds its own rules
         t0 = time.monotonic()
         while not _works(host):
@@ -216,12 +222,7 @@ def test_after_the_tables_were_wiped_every_forward_comes_back(served, event):
     assert host.started("g0", [MAC]).returncode == 0
     assert _works(host)
     before = host.ours()
-    host.topo.exec("host", "nft", "flush", "ruleset")
-    if host.backend == "iptables-legacy":
-        for t in ("iptables-legacy", "ip6tables-legacy"):
-            for table in ("filter", "nat"):
-                host.topo.exec("host", t, "-t", table, "-F")
-                host.topo.exec("host", t, "-t", table, "-X")
+    _wipe(host)
     host.topo.load_libvirt(host.backend)
     assert not _works(host)
     rc, st = _status(host)
