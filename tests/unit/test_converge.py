@@ -53,8 +53,8 @@ class Fake(Backend):
             self.log.append(("commit", u.scope, u.part, u.do, u.optional))
             done.append(u)
 
-    def teardown_units(self, scope):
-        return [Unit(scope, "b", ("teardown",))]
+    def teardown_units(self, scope, last=False):
+        return [Unit(scope, "b", ("teardown", last))]
 
     def last_guest(self, scope, key, old):
         return self.last
@@ -117,9 +117,9 @@ def test_teardown_rides_with_the_removal(last):
     d.remove(KEY, [V4])
     got = commits(d.log)
     if last is None:  # unknown: a best-effort last step
-        assert got[-1] == (4, "b", ("teardown",), True)
+        assert got[-1] == (4, "b", ("teardown", False), True)  # guarded: must fail while others remain
     elif last:  # the last guest: in the removal's own unit
-        assert got == [(4, "a", ("a",), False), (4, "b", ("b", "teardown"), False)]
+        assert got == [(4, "a", ("a",), False), (4, "b", ("b", "teardown", True), False)]
     else:  # others remain: the cheaper way, if the driver has one
         assert ("handle", 4) in d.log and not any("teardown" in c[2] for c in got)
 
@@ -130,7 +130,7 @@ def test_slow_removal_tears_down_every_scope_with_a_base():
     d.remove(KEY, None)
     got = commits(d.log)
     # a listing never asks the count: the teardown is optional everywhere
-    assert (6, "b", ("teardown",), True) in got and (4, "b", ("teardown",), True) in got
+    assert (6, "b", ("teardown", False), True) in got and (4, "b", ("teardown", False), True) in got
 
 
 def test_a_record_of_another_guest_goes_by_tag():

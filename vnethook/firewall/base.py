@@ -146,9 +146,10 @@ class Driver(abc.ABC):
         units done) at the first required one that fails."""
 
     @abc.abstractmethod
-    def teardown_units(self, scope: Hashable) -> List[Unit]:
-        """Units that remove the base in `scope`; they must fail, leaving
-        it, while any guest still has rules there."""
+    def teardown_units(self, scope: Hashable, last: bool = False) -> List[Unit]:
+        """Units that remove the base in `scope`. Unless `last` (last_guest()
+        just said the removal leaves no guest there), they must fail,
+        leaving it, while any guest still has rules there."""
 
     def last_guest(self, scope: Hashable, key: str, old: Dict[str, Any]) -> Optional[bool]:
         """Whether `old` is all that is left in `scope` (None: unknown). An

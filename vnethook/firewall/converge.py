@@ -134,7 +134,7 @@ class Backend(Driver):
             if last is None:
                 mine += [Unit(u.scope, u.part, u.do, optional=True) for u in self.teardown_units(scope)]
             elif last:
-                mine = _joined(mine, self.teardown_units(scope))
+                mine = _joined(mine, self.teardown_units(scope, last=True))
             elif self.delete_by_handle(scope, key, old):
                 continue
             self.commit(mine)

@@ -388,7 +388,8 @@ class IptablesBackend(Backend):
             sections[j.table].append(f"-I {j.chain} 1 {j.spec}")
         return flushed
 
-    def teardown_units(self, scope: Any) -> List[Unit]:
+    def teardown_units(self, scope: Any, last: bool = False) -> List[Unit]:
+        # The same units either way: deleting a chain fails while it holds rules.
         return [Unit(scope, t, tuple(lines)) for t, lines in self._teardown_sections(scope).items() if lines]
 
     def _teardown_sections(self, fam: int) -> Dict[str, List[str]]:

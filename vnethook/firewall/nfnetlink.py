@@ -179,13 +179,16 @@ def chain_rules(family: "int | str", table: str, chain: str, timeout: float = 2.
     """The raw netlink messages of one chain's rules, in chain order; None if unknown.
 
     A dump filtered to one chain: the kernel walks that chain only, where
-    `iptables -C` (or -D) first fetches every rule of the table.
+    `iptables -C` (or -D) first fetches every rule of the table. A chain
+    that does not exist is None: older kernels answer its dump with ENOENT,
+    newer ones with an empty dump, so an empty one is confirmed by asking
+    for the chain itself.
     """
     out: "list" = []
     for data, off, length, kind in _ask(NFT_MSG_GETRULE, family, [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
                                         dump=True, timeout=timeout):
         if kind == NLMSG_DONE:
-            return out
+            return out if out or chain_use(family, table, chain, timeout) is not None else None
         if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
             return None  # NLMSG_ERROR: no such table or chain
         out.append(data[off + 16:off + length])
@@ -221,7 +224,7 @@ def _attrs(data: bytes) -> "list | None":
     return out
 
 
-def _one(attrs: list, kind: int) -> "bytes | None":
+def one(attrs: list, kind: int) -> "bytes | None":
     found = [v for k, v in attrs if k == kind]
     return found[0] if len(found) == 1 else None
 
@@ -235,45 +238,30 @@ def jump_handle(rule: bytes, target: str, comment: str) -> "int | None":
     """
     import _struct
 
-    top = _attrs(rule[4:])  # after nfgenmsg
-    if top is None:
+    parts = rule_parts(rule)
+    if parts is None or not parts[2]:
         return None
-    handle, exprs = _one(top, NFTA_RULE_HANDLE), _one(top, NFTA_RULE_EXPRESSIONS)
-    if handle is None or len(handle) != 8 or exprs is None:
-        return None
-    elems = _attrs(exprs)
-    if not elems or any(k != NFTA_LIST_ELEM for k, _ in elems):
-        return None
-    names, commented, jumps = [], False, False
-    for _, elem in elems:
-        ea = _attrs(elem)
-        name = _one(ea, NFTA_EXPR_NAME) if ea is not None else None
-        data = _one(ea, NFTA_EXPR_DATA) if ea is not None else None
-        if name is None:
-            return None
-        name = name.rstrip(b"\0")
-        names.append(name)
-        if name == b"counter":
+    handle, _comment, exprs = parts
+    commented, jumps = False, False
+    for name, da in exprs:
+        if name == "counter":
             continue
-        da = _attrs(data) if data is not None else None
-        if da is None:
-            return None
-        if name == b"match":
-            info = _one(da, NFTA_MATCH_INFO)
-            if _one(da, NFTA_MATCH_NAME) != b"comment\0" or info is None or commented:
+        if name == "match":
+            info = one(da, NFTA_MATCH_INFO)
+            if one(da, NFTA_MATCH_NAME) != b"comment\0" or info is None or commented:
                 return None
             text, _, pad = info.partition(b"\0")
             if text != comment.encode() or pad.strip(b"\0"):
                 return None
             commented = True
-        elif name == b"immediate":
-            dreg, val = _one(da, NFTA_IMMEDIATE_DREG), _one(da, NFTA_IMMEDIATE_DATA)
+        elif name == "immediate":
+            dreg, val = one(da, NFTA_IMMEDIATE_DREG), one(da, NFTA_IMMEDIATE_DATA)
             va = _attrs(val) if val is not None else None
-            verdict = _one(va, NFTA_DATA_VERDICT) if va is not None else None
+            verdict = one(va, NFTA_DATA_VERDICT) if va is not None else None
             vv = _attrs(verdict) if verdict is not None else None
             if dreg != b"\0\0\0\0" or vv is None or jumps:
                 return None
-            code, chain = _one(vv, NFTA_VERDICT_CODE), _one(vv, NFTA_VERDICT_CHAIN)
+            code, chain = one(vv, NFTA_VERDICT_CODE), one(vv, NFTA_VERDICT_CHAIN)
             if code is None or len(code) != 4 or _struct.unpack("!I", code)[0] != NFT_JUMP:
                 return None
             if chain is None or chain.rstrip(b"\0") != target.encode():
@@ -281,9 +269,9 @@ def jump_handle(rule: bytes, target: str, comment: str) -> "int | None":
             jumps = True
         else:
             return None
-    if not (commented and jumps) or names[-1] != b"immediate":
+    if not (commented and jumps) or exprs[-1][0] != "immediate":
         return None
-    return _struct.unpack("!Q", handle)[0]
+    return handle
 
 
 def _dump_hits(family: int, table: str, chain: str, needles: "list", timeout: float,
@@ -409,7 +397,7 @@ def probe_jumps(family: int, wanted: "list", span: int, timeout: float = 2.0) ->
             reply = got.get(seq + i)
             attrs = _attrs(reply[1][4:]) if reply and reply[0] == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN \
                 else None
-            h = _one(attrs, NFTA_CHAIN_HANDLE) if attrs is not None else None
+            h = one(attrs, NFTA_CHAIN_HANDLE) if attrs is not None else None
             if h is None or len(h) != 8:
                 return None
             bases.append(_struct.unpack("!Q", h)[0])
@@ -505,11 +493,11 @@ def delete_batch(family: int, rules: "list", chains: "list", timeout: float = 2.
 
     fam = FAMILY[family]
     ops = [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c)
-            + attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h))) for t, c, h in rules]
-    ops += [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c))
-            for t, c in chains]
-    ops += [(fam, NFT_MSG_DELCHAIN, 0, name_attr(NFTA_CHAIN_TABLE, t) + name_attr(NFTA_CHAIN_NAME, c))
-            for t, c in chains]
+            + attr(NFTA_RULE_HANDLE, _struct.pack("!Q", h)), f"delete rule {h} of {t} {c}") for t, c, h in rules]
+    ops += [(fam, NFT_MSG_DELRULE, 0, name_attr(NFTA_RULE_TABLE, t) + name_attr(NFTA_RULE_CHAIN, c),
+             f"flush chain {t} {c}") for t, c in chains]
+    ops += [(fam, NFT_MSG_DELCHAIN, 0, name_attr(NFTA_CHAIN_TABLE, t) + name_attr(NFTA_CHAIN_NAME, c),
+             f"delete chain {t} {c}") for t, c in chains]
     return transaction(ops, timeout) is None
 
 
@@ -526,14 +514,14 @@ NLM_F_CREATE = 0x400
 BUFFER_MAX = 64 << 20  # the most a batch may ask the socket to buffer
 
 
-def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None":
+def transaction(ops: "list", timeout: float = 2.0) -> "str | None":
     """Commit nf_tables messages as one batch: all of them or none.
 
-    `ops`: (nfproto family, NFT_MSG_* kind, extra nlmsg flags, attributes).
-    None once every message was acknowledged; else why not: the kernel's
-    error (nothing changed): its errno, and which message it refused
-    (`describe(op)` says what that message does), or why there was no
-    clean answer (unknown: the caller lists).
+    `ops`: (nfproto family, NFT_MSG_* kind, extra nlmsg flags, attributes,
+    what it does in words). None once every message was acknowledged;
+    else why not: the kernel's error (nothing changed), with its errno and
+    the message it refused, or why there was no clean answer (unknown: the
+    caller lists).
     """
     import _socket
     import _struct
@@ -545,7 +533,7 @@ def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None
     base = _next_seq()
     parts = [msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, base, 0, NFNL_SUBSYS_NFTABLES, b"")]
     sub = NFNL_SUBSYS_NFTABLES << 8
-    for i, (fam, kind, flags, attrs) in enumerate(ops, 1):
+    for i, (fam, kind, flags, attrs, _what) in enumerate(ops, 1):
         parts.append(msg(sub | kind, NLM_F_REQUEST | NLM_F_ACK | flags, base + i, fam, 0, attrs))
     parts.append(msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, base + len(ops) + 1, 0, NFNL_SUBSYS_NFTABLES, b""))
     _seq[0] = base + len(ops) + 2
@@ -577,9 +565,7 @@ def transaction(ops: "list", timeout: float = 2.0, describe=None) -> "str | None
                 if err:
                     # The refused message, or the commit itself (answered on BEGIN).
                     if rseq in want:
-                        what = f"message {rseq - base} of {len(ops)}"
-                        if describe is not None:
-                            what += f" ({describe(ops[rseq - base - 1])})"
+                        what = f"message {rseq - base} of {len(ops)} ({ops[rseq - base - 1][4]})"
                     else:
                         what = "the commit"
                     error = f"{_errno_name(-err)} at {what}"
@@ -675,15 +661,15 @@ def set_keys(family: "int | str", table: str, name: str, timeout: float = 2.0) -
         if kind != newelem:
             return None  # NLMSG_ERROR: no such table or set
         top = _attrs(data[off + 20:off + length])
-        elems = _one(top, NFTA_SET_ELEM_LIST_ELEMENTS) if top is not None else None
+        elems = one(top, NFTA_SET_ELEM_LIST_ELEMENTS) if top is not None else None
         items = _attrs(elems) if elems is not None else None
         if items is None:
             return None
         for _, item in items:
             ea = _attrs(item)
-            key = _one(ea, NFTA_SET_ELEM_KEY) if ea is not None else None
+            key = one(ea, NFTA_SET_ELEM_KEY) if ea is not None else None
             ka = _attrs(key) if key is not None else None
-            value = _one(ka, NFTA_DATA_VALUE) if ka is not None else None
+            value = one(ka, NFTA_DATA_VALUE) if ka is not None else None
             if value is None:
                 return None
             out.append(value)
@@ -698,7 +684,7 @@ def rule_parts(rule: bytes) -> "tuple | None":
     top = _attrs(rule[4:])  # after nfgenmsg
     if top is None:
         return None
-    handle, exprs, udata = _one(top, NFTA_RULE_HANDLE), _one(top, NFTA_RULE_EXPRESSIONS), _one(top, NFTA_RULE_USERDATA)
+    handle, exprs, udata = one(top, NFTA_RULE_HANDLE), one(top, NFTA_RULE_EXPRESSIONS), one(top, NFTA_RULE_USERDATA)
     if handle is None or len(handle) != 8:
         return None
     comment = None
@@ -713,10 +699,10 @@ def rule_parts(rule: bytes) -> "tuple | None":
         ea = _attrs(elem) if kind == NFTA_LIST_ELEM else None
         if ea is None:
             return None
-        name = _one(ea, NFTA_EXPR_NAME)
+        name = one(ea, NFTA_EXPR_NAME)
         if name is None:
             return None
-        da = _attrs(_one(ea, NFTA_EXPR_DATA) or b"")
+        da = _attrs(one(ea, NFTA_EXPR_DATA) or b"")
         if da is None:
             return None
         parts.append((name.rstrip(b"\0").decode("ascii", "replace"), da))

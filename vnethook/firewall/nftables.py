@@ -49,7 +49,7 @@ Why this shape:
   and their fixed rules, and the accept in libvirt's chain) is nft text,
   one idempotent batch: ``add table/chain/map`` are idempotent, ``flush
   chain`` + ``add rule`` make the rules so without listing anything. The
-  elements (and markers, below) are netlink messages (nfnetlink.py), one
+  elements (and markers, below) are netlink messages (nl.py), one
   function for add and delete: a guest's change is one nf_tables
   transaction of element additions and deletions, sent by this process.
 - Why netlink for the elements: they are what every event changes, and
@@ -95,6 +95,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vnethook import addr
+from vnethook.firewall import nfnetlink as nl
 from vnethook.firewall.base import (
     TAG,
     CommitError,
@@ -104,10 +105,6 @@ from vnethook.firewall.base import (
     Unit,
 )
 from vnethook.firewall.converge import Backend
-from vnethook.firewall.nfnetlink import attr
-from vnethook.firewall.nfnetlink import hold_past_exit as _hold_socket_past_exit
-from vnethook.firewall.nfnetlink import name_attr as _name
-from vnethook.firewall.nfnetlink import nested as _nest
 from vnethook.keys import _sha256
 from vnethook.model import PROTOCOLS, Forward, Value
 
@@ -316,11 +313,8 @@ def guest_marker(key: str, elements: Iterable[str] = ()) -> str:
     return addr.from_bytes(_sha256(data).digest()[:16])
 
 
-# nf_tables messages, as (nfproto family, NFT_MSG_*, nlmsg flags, attributes):
-# nfnetlink.transaction() commits a list of them as one batch.
-_INET = 1  # NFPROTO_INET
-_NEWSETELEM, _DELSETELEM, _NEWTABLE, _DELTABLE, _DELRULE = 12, 14, 0, 2, 8
-_NLM_F_CREATE = 0x400
+# nf_tables messages, as nfnetlink.transaction() takes them: (nfproto
+# family, NFT_MSG_*, nlmsg flags, attributes, what it does in words).
 # A netlink attribute's length is 16 bits: the elements of one message stay
 # well below 64 KiB (an IPv6 element with sources and comment: ~130 bytes).
 _PER_MESSAGE = 256
@@ -333,20 +327,21 @@ def _comment(key: str) -> bytes:
 
 
 def _elem_attrs(key: bytes, key_end: Optional[bytes], data: Optional[bytes], comment: Optional[bytes]) -> bytes:
-    out = _nest(1, attr(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+    out = nl.nested(1, nl.attr(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
     if key_end is not None:
-        out += _nest(10, attr(1, key_end))  # NFTA_SET_ELEM_KEY_END
+        out += nl.nested(10, nl.attr(1, key_end))  # NFTA_SET_ELEM_KEY_END
     if data is not None:
-        out += _nest(2, attr(1, data))  # NFTA_SET_ELEM_DATA
+        out += nl.nested(2, nl.attr(1, data))  # NFTA_SET_ELEM_DATA
     if comment is not None:
-        out += attr(6, comment)  # NFTA_SET_ELEM_USERDATA
-    return _nest(1, out)  # NFTA_LIST_ELEM
+        out += nl.attr(6, comment)  # NFTA_SET_ELEM_USERDATA
+    return nl.nested(1, out)  # NFTA_LIST_ELEM
 
 
 def _set_elem_ops(op: str, set_name: str, items: List[bytes]) -> List[tuple]:
-    kind, flags = (_NEWSETELEM, _NLM_F_CREATE) if op == "add" else (_DELSETELEM, 0)
-    head = _name(1, TABLE) + _name(2, set_name)  # NFTA_SET_ELEM_LIST_TABLE, _SET
-    return [(_INET, kind, flags, head + _nest(3, b"".join(items[i:i + _PER_MESSAGE])))
+    kind, flags = (nl.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE) if op == "add" else (nl.NFT_MSG_DELSETELEM, 0)
+    head = nl.name_attr(1, TABLE) + nl.name_attr(2, set_name)  # NFTA_SET_ELEM_LIST_TABLE, _SET
+    what = f"{op} elements of {FAMILY} {TABLE} {set_name}"
+    return [(nl.FAMILY[FAMILY], kind, flags, head + nl.nested(3, b"".join(items[i:i + _PER_MESSAGE])), what)
             for i in range(0, len(items), _PER_MESSAGE)]
 
 
@@ -375,32 +370,17 @@ def marker_ops(op: str, key: str, elements: Iterable[str] = (), value: Optional[
 def table_ops(op: str) -> List[tuple]:
     """Create (no-op if it exists) or delete our table."""
     if op == "add":
-        return [(_INET, _NEWTABLE, _NLM_F_CREATE, _name(1, TABLE))]
-    return [(_INET, _DELTABLE, 0, _name(1, TABLE))]
+        return [(nl.FAMILY[FAMILY], nl.NFT_MSG_NEWTABLE, nl.NLM_F_CREATE, nl.name_attr(1, TABLE), f"add table {FAMILY} {TABLE}")]
+    return [(nl.FAMILY[FAMILY], nl.NFT_MSG_DELTABLE, 0, nl.name_attr(1, TABLE), f"delete table {FAMILY} {TABLE}")]
 
 
 def delete_rule_op(family: str, handle: int) -> tuple:
     """Delete one rule of libvirt's forward chain by handle (our accept)."""
     import _struct
 
-    fam = 2 if family == "ip" else 10
-    return (fam, _DELRULE, 0, _name(1, LIBVIRT_TABLE) + _name(2, LIBVIRT_CHAIN) + attr(3, _struct.pack("!Q", handle)))
-
-
-def describe_op(op: tuple) -> str:
-    """What one of these messages does, for an error message."""
-    import _struct
-
-    _fam, kind, _flags, attrs = op
-    if kind in (_NEWSETELEM, _DELSETELEM):
-        # NFTA_SET_ELEM_LIST_TABLE, then _SET: the set's name is the second attribute
-        skip = _struct.unpack_from("=H", attrs)[0] + 3 & ~3
-        end = skip + _struct.unpack_from("=H", attrs, skip)[0]
-        name = attrs[skip + 4:end].rstrip(b"\0").decode("ascii", "replace")
-        return f"{'add' if kind == _NEWSETELEM else 'delete'} elements of {FAMILY} {TABLE} {name}"
-    if kind in (_NEWTABLE, _DELTABLE):
-        return f"{'add' if kind == _NEWTABLE else 'delete'} table {FAMILY} {TABLE}"
-    return f"delete rule of {LIBVIRT_TABLE} {LIBVIRT_CHAIN}"
+    return (nl.FAMILY[family], nl.NFT_MSG_DELRULE, 0,
+            nl.name_attr(1, LIBVIRT_TABLE) + nl.name_attr(2, LIBVIRT_CHAIN) + nl.attr(3, _struct.pack("!Q", handle)),
+            f"delete rule {handle} of {family} {LIBVIRT_TABLE} {LIBVIRT_CHAIN}")
 
 
 # The base: our table, maps, chains and their fixed rules, in nft's text
@@ -507,37 +487,29 @@ def accept_fix_text(family: str, delete: Sequence[int], insert: bool) -> str:
 
 
 def is_current_accept(parts: Sequence[Tuple[str, list]]) -> bool:
-    """Whether a rule's expressions (nfnetlink.rule_parts) are today's accept:
+    """Whether a rule's expressions (nl.rule_parts) are today's accept:
     ct mark loaded, masked with MARK, compared equal to MARK, accept."""
     import _struct
 
-    def one(attrs: list, kind: int) -> Optional[bytes]:
-        found = [v for k, v in attrs if k == kind]
-        return found[0] if len(found) == 1 else None
-
     def value(attrs: list, kind: int) -> Optional[bytes]:
-        nested = one(attrs, kind)  # { NFTA_DATA_VALUE }
+        nested = nl.one(attrs, kind)  # { NFTA_DATA_VALUE }
         return nested[4:8] if nested is not None and len(nested) == 8 and nested[2:4] == b"\1\0" else None
 
-    names = [n for n, _a in parts]
-    if names == ["counter", "ct", "bitwise", "cmp", "immediate"]:
-        parts = parts[1:]
-    elif names != ["ct", "bitwise", "cmp", "immediate"]:
+    if [n for n, _a in parts] != ["ct", "bitwise", "cmp", "immediate"]:
         return False
     (_n1, ct), (_n2, bitwise), (_n3, cmp), (_n4, imm) = parts
     mark = _struct.pack("=I", MARK)
-    verdict = one(imm, 2) or b""  # NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { NFTA_VERDICT_CODE } }
+    verdict = nl.one(imm, 2) or b""  # NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { NFTA_VERDICT_CODE } }
     return (
-        one(ct, 2) == _struct.pack("!I", 3)  # NFTA_CT_KEY: NFT_CT_MARK
+        nl.one(ct, 2) == _struct.pack("!I", 3)  # NFTA_CT_KEY: NFT_CT_MARK
         and value(bitwise, 4) == mark and value(bitwise, 5) == b"\0\0\0\0"  # mask, xor
-        and one(cmp, 2) == b"\0\0\0\0" and value(cmp, 3) == mark  # NFT_CMP_EQ
-        and verdict.endswith(_struct.pack("!I", 1))  # NF_ACCEPT
-        and len(verdict) == 12
+        and nl.one(cmp, 2) == b"\0\0\0\0" and value(cmp, 3) == mark  # NFT_CMP_EQ
+        and len(verdict) == 12 and verdict.endswith(_struct.pack("!I", 1))  # NF_ACCEPT
     )
 
 
 def accept_fixes(rules: Sequence[Tuple[int, Optional[str], list]]) -> Tuple[List[int], bool]:
-    """From libvirt's forward chain (nfnetlink.rule_parts, in order): which
+    """From libvirt's forward chain (nl.rule_parts, in order): which
     of our rules to delete and whether to insert the accept, so that
     exactly one current accept stays, at the top."""
     ours = [r for r in rules if r[1] == TAG]
@@ -651,13 +623,11 @@ def _set_items(listing: Sequence[dict]) -> Iterable[Tuple[str, Any]]:
 
 class NftablesBackend(Backend):
     """Forwards as map elements in table inet vnethook (see module docstring)."""
-
     name = "nftables"
 
     def __init__(self) -> None:
         self._ctx = None
         self._rendered: Optional[Tuple[Tuple[Forward, ...], Dict[str, Elem]]] = None
-        self._last_checked: Optional[str] = None  # the key last_guest() found alone
 
     # -- libnftables (listings, and text batches when no nft binary is at hand)
 
@@ -673,10 +643,10 @@ class NftablesBackend(Backend):
             ctx = nftables.Nftables()
             ctx.set_handle_output(True)
             self._ctx = ctx
-            # Closed by a detached child after we exit (nfnetlink.hold_past_exit):
+            # Closed by a detached child after we exit (nl.hold_past_exit):
             # with many guests, closing it ourselves waits for the deleted
             # elements' RCU grace period (README, Performance: measured).
-            _hold_socket_past_exit(ctx)
+            nl.hold_past_exit(ctx)
         return self._ctx
 
     def _list(self, obj: dict) -> Optional[List[dict]]:
@@ -711,24 +681,30 @@ class NftablesBackend(Backend):
 
     # -- cheap checks over netlink
 
+    @staticmethod
+    def _libvirt_rules() -> Dict[str, Optional[List[tuple]]]:
+        """Each family's libvirt forward chain as nfnetlink.rule_parts (one
+        dump of that chain), or None if it is not there (or unreadable)."""
+        out: Dict[str, Optional[List[tuple]]] = {}
+        for fam in LIBVIRT_FAMILIES:
+            raw = nl.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN)
+            parsed = [nl.rule_parts(r) for r in raw or ()]
+            rules = [r for r in parsed if r is not None]
+            out[fam] = rules if raw is not None and len(rules) == len(parsed) else None
+        return out
+
     def _accept_problems(self) -> Tuple[str, List[str]]:
         """The text that leaves exactly one current accept at the top of
         libvirt's forward chains, and what is wrong there (empty: nothing)."""
-        from vnethook.firewall import nfnetlink
-
         fixes, problems = [], []
-        for fam in LIBVIRT_FAMILIES:
-            raw = nfnetlink.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN)
-            if raw == [] and nfnetlink.chain_use(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN) is None:
-                raw = None  # a dump of a chain that does not exist can be empty, not an error
-            rules = [nfnetlink.rule_parts(r) for r in raw] if raw is not None else None
-            if rules is None or any(r is None for r in rules):
+        for fam, rules in self._libvirt_rules().items():
+            if rules is None:
                 problems.append(
                     f"chain {LIBVIRT_CHAIN} of table {fam} {LIBVIRT_TABLE} not found "
                     "(libvirt not started, or not using nftables): no accept rule"
                 )
                 continue
-            delete, insert = accept_fixes(rules)  # type: ignore[arg-type]
+            delete, insert = accept_fixes(rules)
             if delete or insert:
                 fixes.append(accept_fix_text(fam, delete, insert))
                 problems.append(f"accept rule missing, duplicated or not at the top of "
@@ -738,21 +714,12 @@ class NftablesBackend(Backend):
     def _base_intact(self) -> bool:
         """Our chains exist and hold as many rules and jumps as the base has
         (NFTA_CHAIN_USE: one GETCHAIN each, cost independent of the guests)."""
-        from vnethook.firewall import nfnetlink
-
-        return all(nfnetlink.chain_use("inet", TABLE, name) == n for name, n in expected_use().items())
+        return all(nl.chain_use("inet", TABLE, name) == n for name, n in expected_use().items())
 
     def _our_accepts(self) -> List[tuple]:
         """Delete messages for every rule of ours in libvirt's forward chains."""
-        from vnethook.firewall import nfnetlink
-
-        ops = []
-        for fam in LIBVIRT_FAMILIES:
-            for raw in nfnetlink.chain_rules(fam, LIBVIRT_TABLE, LIBVIRT_CHAIN) or ():
-                r = nfnetlink.rule_parts(raw)
-                if r is not None and r[1] == TAG:
-                    ops.append(delete_rule_op(fam, r[0]))
-        return ops
+        return [delete_rule_op(fam, r[0]) for fam, rules in self._libvirt_rules().items()
+                for r in rules or () if r[1] == TAG]
 
     def _guest_elements(
         self, key: str, want: Optional[Dict[str, Elem]] = None
@@ -839,8 +806,6 @@ class NftablesBackend(Backend):
     def commit(self, units: List[Unit]) -> None:
         """Units in order: the base's text batch, the teardown check, or one
         netlink transaction."""
-        from vnethook.firewall import nfnetlink
-
         done: List[Unit] = []
         for u in units:
             if u.part == "teardown":
@@ -854,49 +819,41 @@ class NftablesBackend(Backend):
                     raise CommitError(f"nftables: cannot create table {FAMILY} {TABLE} and its chains "
                                       f"(run `vnethook flush`?): {err}", done)
             else:
-                err = nfnetlink.transaction(list(u.do), describe=describe_op)
+                err = nl.transaction(list(u.do))
                 if err is not None:
-                    what = "apply" if any(op[1] == _NEWSETELEM for op in u.do) else "remove"
+                    what = "apply" if any(op[1] == nl.NFT_MSG_NEWSETELEM for op in u.do) else "remove"
                     raise CommitError(f"nftables: cannot {what} forwards: {err}", done)
             done.append(u)
 
     def last_guest(self, scope: Any, key: str, old: Dict[str, Any]) -> Optional[bool]:
         """Whether this guest's marker is the only element of set `guests`
-        (one dump of that set); then teardown_units() deletes the table in
-        the same transaction."""
+        (one dump of that set); then the removal deletes the table in its
+        own transaction (teardown_units with `last`)."""
         import _socket
 
-        from vnethook.firewall import nfnetlink
-
-        self._last_checked = None
-        keys = nfnetlink.set_keys("inet", TABLE, GUESTS_SET)
+        keys = nl.set_keys("inet", TABLE, GUESTS_SET)
         if keys is None:
             return None
         mine = _socket.inet_pton(_socket.AF_INET6, guest_marker(key, old))
         if mine not in keys:
             return None  # the fast path fails on the marker anyway
-        if len(keys) == 1:
-            self._last_checked = key
-            return True
-        return False
+        return len(keys) == 1
 
-    def teardown_units(self, scope: Any) -> List[Unit]:
-        """Right after last_guest() said so: delete the table and our
-        accepts (netlink, joined to the removal's transaction). Else a step
-        that reads set `guests` first (_teardown_if_empty)."""
-        if self._last_checked is not None:
-            self._last_checked = None
+    def teardown_units(self, scope: Any, last: bool = False) -> List[Unit]:
+        """`last` (last_guest() said so): delete the table and our accepts,
+        joined to the removal's transaction. Else a step that reads set
+        `guests` first (_teardown_if_empty): deleting a table never fails
+        while other guests' elements are in it."""
+        if last:
             return [Unit(TABLE, TABLE, tuple(table_ops("delete") + self._our_accepts()))]
         return [Unit(TABLE, "teardown", ())]
 
     def _teardown_if_empty(self) -> None:
         """Remove table and accepts once no guest has forwards (see module doc)."""
-        from vnethook.firewall import nfnetlink
-
-        keys = nfnetlink.set_keys("inet", TABLE, GUESTS_SET)
+        keys = nl.set_keys("inet", TABLE, GUESTS_SET)
         if keys:
             return
-        if keys is None and nfnetlink.table_exists("inet", TABLE) is not False:
+        if keys is None and nl.table_exists("inet", TABLE) is not False:
             return  # our table without the marker set (or no answer): not ours to judge, leave it
         self.flush()
 
@@ -905,9 +862,9 @@ class NftablesBackend(Backend):
         listing = self._list_table()
         if listing is None:
             # Nothing installed is a fine base, unless an accept was left behind.
-            left = {op[0] for op in self._our_accepts()}  # NFPROTO_IPV4 2, NFPROTO_IPV6 10
-            for fam, code in zip(LIBVIRT_FAMILIES, (2, 10)):
-                if code in left:
+            left = {op[0] for op in self._our_accepts()}
+            for fam in LIBVIRT_FAMILIES:
+                if nl.FAMILY[fam] in left:
                     snap.base_ok = False
                     snap.problems.append(
                         f"accept rule in {fam} {LIBVIRT_TABLE} {LIBVIRT_CHAIN} without table {FAMILY} {TABLE}"
@@ -968,19 +925,16 @@ class NftablesBackend(Backend):
         """Our table (whether or not it exists: add, then delete) and our
         accepts, in one netlink transaction; tried twice (a rule libvirt
         deleted in between)."""
-        from vnethook.firewall import nfnetlink
-
         err = None
         for _attempt in range(2):
-            err = nfnetlink.transaction(table_ops("add") + table_ops("delete") + self._our_accepts())
+            err = nl.transaction(table_ops("add") + table_ops("delete") + self._our_accepts())
             if err is None:
                 return
         raise FirewallError(f"nftables: cannot flush: {err}")
 
     def ensure_base(self) -> None:
-        from vnethook.firewall import nfnetlink
 
-        if nfnetlink.table_exists("inet", TABLE) is False:
+        if nl.table_exists("inet", TABLE) is False:
             self.flush()  # nothing installed: only drop accepts left behind, if any
             return
         err = None
