@@ -186,6 +186,11 @@ class FakeHost:
         return subprocess.run(self.cli_argv(*args), capture_output=True, env=self.env, timeout=timeout,
                               cwd=REPO)
 
+    def status(self):
+        """`vnethook status --json`: (exit status, the report)."""
+        p = self.cli("status", "--json")
+        return p.returncode, json.loads(p.stdout)
+
     def started(self, name: str, macs: List[str]) -> subprocess.CompletedProcess:
         return self.hook("qemu", name, "started", self.run_domain(name, macs))
 
@@ -299,3 +304,12 @@ def _drop_tables(text: str, names) -> str:
     return "\n".join(out)
 
 
+def reaches_g1(host) -> bool:
+    """From outside, TCP 8000 and UDP 5300 of the host's external address
+    reach the servers g1 and g1u (the guest 192.0.2.10 of the hostile tests'
+    map: `8000:80, 5300:53/udp`)."""
+    from netns import A
+
+    tcp = host.topo.connect("ext", A["host_ext4"], 8000)
+    udp = host.topo.connect("ext", A["host_ext4"], 5300, proto="udp")
+    return tcp.ok and tcp.who == "g1" and udp.ok and udp.who == "g1u"

@@ -16,10 +16,10 @@ the way each question is meant to notice, and:
 
 from __future__ import annotations
 
-import json
 import shlex
 
 import pytest
+from hostile_support import reaches_g1
 from netns import A
 
 MAP = {
@@ -39,22 +39,10 @@ def served(host):
     return host
 
 
-def _g0_works(host):
-    t = host.topo
-    tcp = t.connect("ext", A["host_ext4"], 8000)
-    udp = t.connect("ext", A["host_ext4"], 5300, proto="udp")
-    return tcp.ok and tcp.who == "g1" and udp.ok and udp.who == "g1u"
-
-
-def _status(host):
-    p = host.cli("status", "--json")
-    return p.returncode, json.loads(p.stdout)
-
-
 def _healthy(host):
     """Traffic, status and the rules agree that every forward is there once."""
-    assert _g0_works(host)
-    rc, st = _status(host)
+    assert reaches_g1(host)
+    rc, st = host.status()
     assert rc == 0 and st["problems"] == [], st
     ours = host.ours()
     assert len(set(ours)) == len(ours), ours
@@ -92,8 +80,8 @@ def test_a_flushed_chain_of_ours(served, event):
         jump = next(ln for ln in save.splitlines() if ln.startswith("-A PREROUTING") and "VNETHOOK-" in ln)
         chain = jump.split(" -j ")[-1].split()[0]
         host.topo.exec("host", tool, "-w", "-t", "nat", "-F", chain)
-    assert not _g0_works(host)
-    rc, st = _status(host)
+    assert not reaches_g1(host)
+    rc, st = host.status()
     assert rc == 1 and st["problems"], st
     if event == "reconnect":
         _reconnect(host)
@@ -127,8 +115,8 @@ def test_nftables_accept_in_libvirts_chain(served, how):
         ex("host", "nft", "insert", "rule", "ip", "libvirt_network", "forward",
            *shlex.split('ct mark 0x00000001 accept comment "vnethook"'))  # not ours any more
         ex("host", "nft", "insert", "rule", "ip", "libvirt_network", "forward", "jump", "guest_input")
-    assert not _g0_works(host)
-    rc, st = _status(host)
+    assert not reaches_g1(host)
+    rc, st = host.status()
     assert rc == 1 and any("accept rule" in p for p in st["problems"]), st
     _start_db(host)
     _healthy(host)
@@ -158,7 +146,7 @@ def test_iptables_nft_hairpin_of_the_subnet(served):
     host.topo.exec("host", "iptables-nft", "-w", "-t", "nat", "-D", *shlex.split(line)[1:])
     r = host.topo.connect("g2", A["host_ext4"], 8000)
     assert not (r.ok and r.client == A["host_br4"]), r.text  # not masqueraded any more
-    rc, st = _status(host)
+    rc, st = host.status()
     assert rc == 1, st
     _start_db(host)
     r = host.topo.connect("g2", A["host_ext4"], 8000)

@@ -12,9 +12,8 @@ agree with the traffic, and nothing else may become reachable.
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from hostile_support import reaches_g1
 from netns import A
 
 MAP = {"g0": "{address: 192.0.2.10, forward: [8000:80, 5300:53/udp]}"}
@@ -25,18 +24,6 @@ def _ipt(host, *args, v6=True):
     flavour = "legacy" if host.backend == "iptables-legacy" else "nft"
     for fam in ("", "6") if v6 else ("",):
         host.topo.exec("host", f"ip{fam}tables-{flavour}", *args)
-
-
-def _works(host):
-    t = host.topo
-    tcp = t.connect("ext", A["host_ext4"], 8000)
-    udp = t.connect("ext", A["host_ext4"], 5300, proto="udp")
-    return tcp.ok and tcp.who == "g1" and udp.ok and udp.who == "g1u"
-
-
-def _status(host):
-    p = host.cli("status", "--json")
-    return p.returncode, json.loads(p.stdout)
 
 
 def _ours_anywhere(host):
@@ -68,8 +55,8 @@ def test_docker_drop_policy_and_restart(served):
     host.write_map(MAP)
     p = host.started("g0", [MAC])
     assert p.returncode == 0, p.stderr
-    assert _works(host)
-    rc, st = _status(host)
+    assert reaches_g1(host)
+    rc, st = host.status()
     assert rc == 0 and not st["problems"], st["problems"]
     # In DOCKER-USER, first, on both families.
     for view in (v for k, v in host.dump().items() if k.endswith("save") and "DOCKER-USER" in v):
@@ -84,8 +71,8 @@ def test_docker_drop_policy_and_restart(served):
         _ipt(host, "-D", "FORWARD", "-j", chain, v6=chain == "DOCKER-USER")
         _ipt(host, "-I", "FORWARD", "1", "-j", chain, v6=chain == "DOCKER-USER")
     baseline = host.foreign()  # Docker's own rules moved; nothing else may change
-    assert _works(host)
-    rc, st = _status(host)
+    assert reaches_g1(host)
+    rc, st = host.status()
     assert rc == 0 and not st["problems"], st["problems"]  # no false alarm
     doc = host.cli("doctor")
     assert doc.returncode == 0, doc.stdout.decode()
@@ -107,22 +94,22 @@ def test_ufw_like_forward_policy_and_reload(served):
     baseline = host.foreign()
     host.write_map(MAP)
     assert host.started("g0", [MAC]).returncode == 0
-    assert _works(host)
-    rc, st = _status(host)
+    assert reaches_g1(host)
+    rc, st = host.status()
     assert rc == 0 and not st["problems"], st["problems"]
     # `ufw reload` rebuilds only ufw's own chains; `ufw disable && enable`
     # takes its jumps away and puts them back (MANAGE_BUILTINS=no).
     for c in ("ufw-before-forward", "ufw-user-forward", "ufw-after-forward"):
         _ipt(host, "-F", c)
     _ipt(host, "-A", "ufw-before-forward", "-j", "ufw-user-forward")
-    assert _works(host)
+    assert reaches_g1(host)
     for c in ("ufw-before-forward", "ufw-user-forward", "ufw-after-forward"):
         _ipt(host, "-D", "FORWARD", "-j", c)
     for c in ("ufw-after-forward", "ufw-user-forward", "ufw-before-forward"):
         _ipt(host, "-I", "FORWARD", "1", "-j", c)
     baseline = host.foreign()
-    assert _works(host)
-    assert _status(host)[0] == 0
+    assert reaches_g1(host)
+    assert host.status()[0] == 0
     assert host.stopped("g0", [MAC]).returncode == 0
     assert _ours_anywhere(host) == []
     assert host.foreign() == baseline
@@ -134,11 +121,11 @@ def test_status_names_a_drop_it_cannot_fix(served):
     host = served
     host.write_map(MAP)
     assert host.started("g0", [MAC]).returncode == 0
-    assert _works(host)
+    assert reaches_g1(host)
     flavour = "legacy" if host.backend == "iptables-legacy" else "nft"
     host.topo.exec("host", f"iptables-{flavour}", "-I", "FORWARD", "1", "-d", "192.0.2.0/24", "-j", "DROP")
     assert not host.topo.connect("ext", A["host_ext4"], 8000).ok
-    rc, st = _status(host)
+    rc, st = host.status()
     assert rc == 1 and any("-d 192.0.2.0/24 -j DROP" in p for p in st["problems"]), st["problems"]
     doc = host.cli("doctor", "g0", "8000")
     out = doc.stdout.decode()
@@ -146,7 +133,7 @@ def test_status_names_a_drop_it_cannot_fix(served):
     text = host.cli("status").stdout.decode()
     assert "BLOCKED" in text and " ok " not in text, text
     host.topo.exec("host", f"iptables-{flavour}", "-D", "FORWARD", "-d", "192.0.2.0/24", "-j", "DROP")
-    assert _works(host) and _status(host)[0] == 0
+    assert reaches_g1(host) and host.status()[0] == 0
     doc = host.cli("doctor", "g0", "8000")
     assert doc.returncode == 0 and b"FAIL" not in doc.stdout, doc.stdout.decode()
     assert b"g0: *:8000 -> 192.0.2.10:80/tcp installed" in doc.stdout
@@ -163,7 +150,7 @@ def test_watcher_repairs_a_flushed_ruleset(served):
     host = served
     host.write_map(MAP)
     assert host.started("g0", [MAC]).returncode == 0
-    assert _works(host)
+    assert reaches_g1(host)
     w = subprocess.Popen(host.cli_argv("watch", "--interval", "0.1", "--idle-exit", "60", "--max-seconds", "60"),
                          env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -171,10 +158,10 @@ def test_watcher_repairs_a_flushed_ruleset(served):
         _wipe(host)
         host.topo.load_libvirt(host.backend)  # libvirt's reload rebuilds its own rules
         t0 = time.monotonic()
-        while not _works(host):
+        while not reaches_g1(host):
             assert time.monotonic() - t0 < 8, "the watcher did not repair the forwards"
             time.sleep(0.2)
-        assert _status(host)[0] == 0
+        assert host.status()[0] == 0
     finally:
         w.terminate()
         w.wait(10)
@@ -188,19 +175,19 @@ def test_status_names_a_native_nft_forward_policy_drop(served):
     host = served
     host.write_map(MAP)
     assert host.started("g0", [MAC]).returncode == 0
-    assert _works(host)
+    assert reaches_g1(host)
     nft = ("table inet admin_fw {\n chain forward {\n  type filter hook forward priority 0; policy drop;\n"
            "  ct state established,related accept\n }\n}\n")
     host.topo.exec("host", "nft", "-f", "-", input=nft)
     try:
         assert not host.topo.connect("ext", A["host_ext4"], 8000).ok
-        rc, st = _status(host)
+        rc, st = host.status()
         assert rc == 1 and "dropped: nft inet admin_fw chain forward (hook forward) policy drop" in st["problems"], st
         doc = host.cli("doctor", "g0")
         assert doc.returncode == 1 and b"admin_fw" in doc.stdout
         host.topo.exec("host", "nft", "insert", "rule", "inet", "admin_fw", "forward", "ct", "status", "dnat", "accept")
-        assert _works(host)
-        rc, st = _status(host)
+        assert reaches_g1(host)
+        rc, st = host.status()
         assert rc == 0 and not st["problems"], st["problems"]
     finally:
         host.topo.exec("host", "nft", "delete", "table", "inet", "admin_fw", check=False)
@@ -220,23 +207,23 @@ def test_after_the_tables_were_wiped_every_forward_comes_back(served, event):
     host = served
     host.write_map(MAP)
     assert host.started("g0", [MAC]).returncode == 0
-    assert _works(host)
+    assert reaches_g1(host)
     before = host.ours()
     _wipe(host)
     host.topo.load_libvirt(host.backend)
-    assert not _works(host)
-    rc, st = _status(host)
+    assert not reaches_g1(host)
+    rc, st = host.status()
     assert rc == 1, st  # it says the forwards are gone
     if event == "reconnect":
         p = host.hook("qemu", "g0", "reconnect", host.run_domain("g0", [MAC]))
     else:
         p = host.cli("sync")
     assert p.returncode == 0, p.stderr
-    assert _works(host)
+    assert reaches_g1(host)
     # (the Docker-like chains that held our other accept went with the wipe)
     mine = [ln for ln in host.ours() if "vnethook:forward" not in ln]
     assert sorted(mine) == sorted(ln for ln in before if "vnethook:forward" not in ln)
     assert len(set(mine)) == len(mine)
-    rc, st = _status(host)
+    rc, st = host.status()
     assert rc == 0 and st["problems"] == [], st
     assert not host.topo.connect("ext", A["host_ext4"], 8001).ok
